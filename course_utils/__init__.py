@@ -1,0 +1,7 @@
+"""Helpers for the course "Fine-tuning a pretrained CNN with CBAM attention".
+
+One module per idea the notebooks teach, data flowing in this order:
+``data`` → ``cbam`` / ``models`` → ``finetune`` (the schedule) → ``train`` (``fit``) → ``plots``;
+``presets`` sizes the runs, ``widgets`` is the instructor's schedule designer, ``bench`` the benchmark.
+"""
+__version__ = "0.1.0"

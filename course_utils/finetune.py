@@ -1,0 +1,244 @@
+"""The fine-tuning schedule as data: stages of epochs, each with trainable groups and learning rates.
+
+Read one line per stage, fastai-style::
+
+    Schedule([Stage("head+cbam", 5, ["new"], 1e-3),
+              Stage("+layer3/4", 15, ["new", "layer3", "layer4"], 1e-4),
+              Stage("all", 30, "all", 1e-5)])
+
+Group names are those of :func:`course_utils.models.layer_groups` plus three aliases resolved against
+a model: ``"new"`` (the groups that start random: head, CBAM, and a new stem), ``"pretrained"`` (the
+rest) and ``"all"``. ``lr`` is one float for every trainable group, or a ``{group or alias: lr}`` dict
+where a group's own entry beats an alias. All parameters are in the optimizer from the start; a frozen
+group simply has learning rate 0, no gradients and its BatchNorm layers in eval mode.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import group_modules, group_names, layer_groups
+
+ALIASES = ("new", "pretrained", "all")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``epochs`` epochs training the groups in ``trainable`` (names, aliases or ``"all"``) at ``lr``."""
+
+    name: str
+    epochs: int
+    trainable: Collection[str] | str
+    lr: float | Mapping[str, float]
+
+    def __post_init__(self):
+        trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
+        object.__setattr__(self, "trainable", trainable)
+        if isinstance(self.lr, Mapping):
+            object.__setattr__(self, "lr", dict(self.lr))
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs <= 0:
+            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}")
+        if not trainable:
+            raise ValueError(f"stage {self.name!r} trains no group: name at least one in trainable "
+                             f"(a group such as 'head', or 'new' / 'pretrained' / 'all')")
+        lrs = self.lr.items() if isinstance(self.lr, dict) else [("lr", self.lr)]
+        for key, value in lrs:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"stage {self.name!r}: learning rate {key}={value!r} must be a positive number")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch does: its stage, the groups it trains, and the learning rate of every group (0 if frozen)."""
+
+    epoch: int
+    stage: str
+    trainable: frozenset[str]
+    lr: dict[str, float] = field(hash=False)
+
+
+class Schedule:
+    """An ordered list of :class:`Stage`; ``plan(groups, new_groups)`` gives the per-epoch learning rates."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = tuple(stages)
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage")
+        for stage in self.stages:
+            if not isinstance(stage, Stage):
+                raise ValueError(f"schedule stages must be Stage objects, got {stage!r}")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def boundaries(self) -> list[tuple[str, int, int]]:
+        """``(stage, first_epoch, last_epoch)`` per stage, epochs counted from 1."""
+        out, start = [], 1
+        for s in self.stages:
+            out.append((s.name, start, start + s.epochs - 1))
+            start += s.epochs
+        return out
+
+    def stage_at(self, epoch: int) -> Stage:
+        for stage, (_, first, last) in zip(self.stages, self.boundaries()):
+            if first <= epoch <= last:
+                return stage
+        raise ValueError(f"epoch {epoch} is outside the schedule's 1..{self.epochs}")
+
+    # -- resolution against a model's groups
+    @staticmethod
+    def _expand(name: str, groups: Sequence[str], new: Collection[str], where: str) -> list[str]:
+        if name == "all":
+            return list(groups)
+        if name == "new":
+            return [g for g in groups if g in new]
+        if name == "pretrained":
+            return [g for g in groups if g not in new]
+        if name in groups:
+            return [name]
+        raise ValueError(f"{where}: unknown layer group {name!r}; this model's groups are "
+                         f"{', '.join(groups)} (or the aliases {', '.join(ALIASES)})")
+
+    def resolve(self, stage: Stage, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")):
+        """``(trainable groups, {group: lr})`` of one stage, for a model with ``groups``."""
+        where = f"stage {stage.name!r}"
+        trainable = [g for name in stage.trainable for g in self._expand(name, groups, new_groups, where)]
+        trainable = [g for g in groups if g in trainable]
+        if not trainable:
+            raise ValueError(f"{where} trains no group of this model (trainable={list(stage.trainable)}, "
+                             f"groups={list(groups)})")
+        if isinstance(stage.lr, dict):
+            lr: dict[str, float] = {}
+            precedence = {"all": 0, "new": 1, "pretrained": 1}  # a group's own entry beats an alias
+            for key, value in sorted(stage.lr.items(), key=lambda kv: precedence.get(kv[0], 2)):
+                for g in self._expand(key, groups, new_groups, f"{where} lr"):
+                    lr[g] = float(value)
+            missing = [g for g in trainable if g not in lr]
+            if missing:
+                raise ValueError(f"{where}: no learning rate for {', '.join(missing)}; add them to the lr dict "
+                                 f"or give one float")
+        else:
+            lr = {g: float(stage.lr) for g in trainable}
+        return trainable, {g: (lr[g] if g in trainable else 0.0) for g in groups}
+
+    def plan(self, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")) -> list[EpochPlan]:
+        """One :class:`EpochPlan` per epoch; raises ``ValueError`` for any stage that does not fit the groups."""
+        plans, epoch = [], 1
+        for stage in self.stages:
+            trainable, lr = self.resolve(stage, list(groups), new_groups)
+            for _ in range(stage.epochs):
+                plans.append(EpochPlan(epoch, stage.name, frozenset(trainable), lr))
+                epoch += 1
+        return plans
+
+    def plan_for(self, model: nn.Module) -> list[EpochPlan]:
+        return self.plan(list(layer_groups(model)), getattr(model, "new_groups", ("cbam", "head")))
+
+    def table(self, model: nn.Module | None = None, groups=None, new_groups=("cbam", "head")) -> list[dict]:
+        """One row per stage: epochs, trainable groups and learning rates (resolved if a model is given)."""
+        if model is not None:
+            groups, new_groups = list(layer_groups(model)), model.new_groups
+        rows = []
+        for stage, (_, first, last) in zip(self.stages, self.boundaries()):
+            row = {"stage": stage.name, "epochs": f"{first}-{last}"}
+            if groups is None:
+                row["trainable"] = ", ".join(stage.trainable)
+                row["lr"] = (", ".join(f"{k}={v:g}" for k, v in stage.lr.items()) if isinstance(stage.lr, dict)
+                             else f"{stage.lr:g}")
+            else:
+                trainable, lr = self.resolve(stage, groups, new_groups)
+                row["trainable"] = ", ".join(trainable)
+                row["lr"] = ", ".join(f"{g}={lr[g]:g}" for g in trainable)
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> list[dict]:
+        return [{"name": s.name, "epochs": s.epochs, "trainable": list(s.trainable), "lr": s.lr} for s in self.stages]
+
+    @classmethod
+    def from_dict(cls, stages: list[dict]) -> "Schedule":
+        return cls([Stage(d["name"], d["epochs"], d["trainable"], d["lr"]) for d in stages])
+
+    def __eq__(self, other):
+        return isinstance(other, Schedule) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return "Schedule([\n" + "".join(f"  {s!r},\n" for s in self.stages) + "])"
+
+
+def three_stage_schedule(differential: bool = False, epochs: Sequence[int] = (5, 15, 30),
+                         lrs: Sequence[float] = (1e-3, 1e-4, 1e-5), ratio: float = 10.0) -> Schedule:
+    """The course's schedule: new modules (head+CBAM) → + layer3/layer4 → everything.
+
+    ``differential=True`` keeps new modules ``ratio``× faster than pretrained ones in every stage
+    (stage 1 trains only new modules at ``lrs[0]``; then new at ``lrs[i-1]``, pretrained at ``lrs[i]``).
+    """
+    e1, e2, e3 = epochs
+    lr1, lr2, lr3 = lrs
+    if differential:
+        lr_2 = {"new": lr2 * ratio, "pretrained": lr2}
+        lr_3 = {"new": lr3 * ratio, "pretrained": lr3}
+    else:
+        lr_2, lr_3 = lr2, lr3
+    return Schedule([
+        Stage("1 head+cbam", e1, ["new"], lr1),
+        Stage("2 +layer3-4", e2, ["new", "layer3", "layer4"], lr_2),
+        Stage("3 all", e3, "all", lr_3),
+    ])
+
+
+def one_stage_schedule(epochs: int = 10, lr: float | Mapping[str, float] = 1e-4) -> Schedule:
+    """Plain fine-tuning: everything trainable from the start at one learning rate (or a dict)."""
+    return Schedule([Stage("all", epochs, "all", lr)])
+
+
+# ------------------------------------------------------------------------------- optimizer
+def no_weight_decay(module: nn.Module, param_name: str) -> bool:
+    """Biases and normalisation weights get no weight decay."""
+    return param_name.endswith("bias") or isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+
+
+def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """Every parameter from the start, one param group per (layer group, decay or not).
+
+    Each param group carries ``group`` (the layer-group name) and ``decay`` keys; learning rates are
+    set per epoch by :func:`apply_epoch`.
+    """
+    groups = layer_groups(model)
+    owner = {id(p): (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False)}
+    param_groups = []
+    for group, params in groups.items():
+        decay = [p for p in params if not no_weight_decay(*owner[id(p)])]
+        plain = [p for p in params if no_weight_decay(*owner[id(p)])]
+        for ps, wd in ((decay, weight_decay), (plain, 0.0)):
+            if ps:
+                param_groups.append({"params": ps, "lr": 0.0, "weight_decay": wd, "group": group, "decay": wd > 0})
+    if optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=0.0)
+    if optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+
+
+def apply_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan: EpochPlan) -> None:
+    """Set this epoch's learning rates and freeze the rest: no grad, lr 0, BatchNorm in eval mode.
+
+    Call after ``model.train()``: frozen groups' BatchNorm layers are switched back to eval so their
+    running statistics stay exactly as they were.
+    """
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = plan.lr[param_group["group"]]
+    for group, params in layer_groups(model).items():
+        for p in params:
+            p.requires_grad_(group in plan.trainable)
+    for group, bns in group_modules(model).items():
+        if group not in plan.trainable:
+            for bn in bns:
+                bn.eval()

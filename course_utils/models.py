@@ -1,0 +1,302 @@
+"""ResNet18 and VGG16 with CBAM, built from torchvision's pretrained networks.
+
+Both models are composed plainly from the torchvision modules (so pretrained weights load by
+torchvision's own API) and expose the same things to the rest of the course:
+
+* ``layer_groups(model)`` — every parameter exactly once, in named groups ordered input → output;
+* ``model.new_groups`` — the groups that start from random weights whatever ``weights`` says
+  (the new head and CBAM always; the stem too with ``stem="cifar"``): the schedule's ``"new"``;
+* ``model.stages`` — the stage names in forward order, and ``model.features(x)`` — each stage's output.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock
+
+from .cbam import CBAM
+
+PLACEMENTS = ("stage", "block", "high", None)
+DOWNLOAD_TIMEOUT_S = 10
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be had or do not fit the model; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- weights
+def _torch_hub_file(weights_enum) -> Path:
+    from torch.hub import get_dir
+
+    return Path(get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` with errors that name the file and the fix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for truncation
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+            why = "it contains Python objects that would run code when loaded, so it is refused"
+        else:
+            why = f"it is truncated or corrupted ({text})"
+        raise WeightsError(f"cannot load weights file {path}: {why}. Delete it and download it again.") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a course checkpoint: take its model weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
+    return state
+
+
+def _pretrained_state(arch: str, weights) -> dict[str, torch.Tensor] | None:
+    """The backbone's state_dict: None (random), ``"imagenet"`` (torchvision's cache/download) or a path."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, os.PathLike)) and str(weights).lower() != "imagenet":
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist")
+        return _read_state_dict(path)
+    if str(weights).lower() != "imagenet":
+        raise ValueError(f"weights must be None, 'imagenet' or a path to a state_dict file, got {weights!r}")
+    enum = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1, "vgg16": tvm.VGG16_Weights.IMAGENET1K_V1}[arch]
+    cached = _torch_hub_file(enum)
+    if cached.is_file():
+        print(f"ImageNet weights for {arch}: {cached} (torchvision cache)")
+        return _read_state_dict(cached)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return enum.get_state_dict(progress=True)  # downloads into the cache above
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise WeightsError(
+            f"ImageNet weights for {arch} could not be downloaded ({err}). Offline? Put the file "
+            f"{os.path.basename(enum.url)} (from {enum.url}) at {cached} — torchvision's cache, "
+            f"set by $TORCH_HOME — or pass weights=None to start from random weights."
+        ) from err
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _load_backbone(backbone: nn.Module, state: dict[str, torch.Tensor] | None, arch: str, head_prefix: str):
+    """Load ``state`` into the torchvision backbone; its 1000-class head is dropped (the head is new)."""
+    if state is None:
+        return
+    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith(head_prefix)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} "
+                           f"instead of {tuple(expected[k].shape)})")
+        raise WeightsError(f"these weights are not a torchvision {arch} state_dict: " + ", ".join(details))
+    backbone.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------- ResNet18
+class BasicBlockCBAM(nn.Module):
+    """A torchvision BasicBlock with CBAM on the residual branch before the addition (the paper's placement)."""
+
+    def __init__(self, block: BasicBlock, cbam: CBAM):
+        super().__init__()
+        self.block = block
+        self.cbam = cbam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        residual = b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
+        shortcut = x if b.downsample is None else b.downsample(x)
+        return b.relu(self.cbam(residual) + shortcut)
+
+
+class ResNetCBAM(nn.Module):
+    """stem → layer1..layer4 (each optionally followed by CBAM) → global pool → fc."""
+
+    stages = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, backbone: tvm.ResNet, num_classes: int, placement, stem: str, identity_init: bool):
+        super().__init__()
+        if stem == "imagenet":
+            conv1, bn1, pool = backbone.conv1, backbone.bn1, backbone.maxpool
+        elif stem == "cifar":  # a new 3×3/1 conv, a new BN, no max-pool: 32×32 stays 32×32
+            conv1, bn1, pool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.Identity()
+        else:
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        self.stem = nn.Sequential(OrderedDict(conv1=conv1, bn1=bn1, relu=nn.ReLU(inplace=True), maxpool=pool))
+        widths = (64, 128, 256, 512)
+        cbam_at = {"stage": (1, 2, 3, 4), "high": (3, 4), "block": (), None: ()}[placement]
+        for i, width in enumerate(widths, start=1):
+            layer = getattr(backbone, f"layer{i}")
+            if placement == "block":
+                layer = nn.Sequential(*[BasicBlockCBAM(blk, CBAM(width, identity_init=identity_init)) for blk in layer])
+            setattr(self, f"layer{i}", layer)
+        self.cbam = nn.ModuleDict({f"layer{i}": CBAM(widths[i - 1], identity_init=identity_init) for i in cbam_at})
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        self.placement, self.stem_kind = placement, stem
+        self.new_groups = ("stem",) * (stem == "cifar") + ("cbam",) * (placement is not None) + ("head",)
+
+    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Each stage's output (after its CBAM, if any), in forward order."""
+        out = OrderedDict()
+        x = out["stem"] = self.stem(x)
+        for name in self.stages[1:]:
+            x = getattr(self, name)(x)
+            if name in self.cbam:
+                x = self.cbam[name](x)
+            out[name] = x
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for name in self.stages[1:]:
+            x = getattr(self, name)(x)
+            if name in self.cbam:
+                x = self.cbam[name](x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet18_cbam(num_classes: int = 10, weights=None, placement="stage", stem: str = "imagenet",
+                  identity_init: bool = False) -> ResNetCBAM:
+    """ResNet18 (optionally ImageNet-pretrained) with CBAM and a new ``num_classes`` head.
+
+    placement: ``"stage"`` one CBAM after each of layer1..layer4 (the course's), ``"block"`` inside every
+    BasicBlock before the addition (the paper's), ``"high"`` after layer3 and layer4 only, ``None`` none.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    backbone = tvm.resnet18(weights=None)
+    _load_backbone(backbone, _pretrained_state("resnet18", weights), "resnet18", head_prefix="fc.")
+    return ResNetCBAM(backbone, num_classes, placement, stem, identity_init)
+
+
+# ---------------------------------------------------------------------------- VGG16
+VGG16_BLOCKS = ((0, 4), (5, 9), (10, 16), (17, 23), (24, 30))  # conv/ReLU runs of features, then a max-pool
+VGG16_WIDTHS = (64, 128, 256, 512, 512)
+
+
+class VGGCBAM(nn.Module):
+    """block1..block5 (conv+ReLU, then CBAM, then max-pool) → global pool → new head."""
+
+    stages = ("block1", "block2", "block3", "block4", "block5")
+
+    def __init__(self, backbone: tvm.VGG, num_classes: int, placement, identity_init: bool):
+        super().__init__()
+        for i, (start, stop) in enumerate(VGG16_BLOCKS, start=1):
+            setattr(self, f"block{i}", nn.Sequential(*backbone.features[start:stop]))
+        cbam_at = {"stage": (1, 2, 3, 4, 5), "high": (4, 5), None: ()}[placement]
+        self.cbam = nn.ModuleDict({f"block{i}": CBAM(VGG16_WIDTHS[i - 1], identity_init=identity_init)
+                                   for i in cbam_at})
+        self.maxpool = nn.MaxPool2d(2, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, num_classes))
+        self.placement = placement
+        self.new_groups = ("cbam",) * (placement is not None) + ("head",)
+
+    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Each block's output after its CBAM and max-pool, in forward order."""
+        out = OrderedDict()
+        for name in self.stages:
+            x = getattr(self, name)(x)
+            if name in self.cbam:
+                x = self.cbam[name](x)
+            x = out[name] = self.maxpool(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = next(reversed(self.features(x).values()))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def vgg16_cbam(num_classes: int = 10, weights=None, placement="stage", identity_init: bool = False) -> VGGCBAM:
+    """VGG16 (optionally ImageNet-pretrained) with a CBAM after each conv block (before its max-pool)."""
+    if placement not in ("stage", "high", None):
+        raise ValueError(f"placement for VGG16 must be 'stage', 'high' or None, got {placement!r}")
+    backbone = tvm.vgg16(weights=None)
+    _load_backbone(backbone, _pretrained_state("vgg16", weights), "vgg16", head_prefix="classifier.")
+    return VGGCBAM(backbone, num_classes, placement, identity_init)
+
+
+# ---------------------------------------------------------------------------- groups
+def group_of(model: nn.Module, name: str) -> str:
+    """The layer group a parameter or module name belongs to."""
+    parts = name.split(".")
+    if "cbam" in parts:
+        return "cbam"
+    if parts[0] in ("fc", "head"):
+        return "head"
+    if parts[0] in model.stages:
+        return parts[0]
+    raise ValueError(f"{name} belongs to no layer group of {type(model).__name__}")
+
+
+def group_names(model: nn.Module) -> tuple[str, ...]:
+    """Group names ordered input → output: the stages, then ``cbam`` (if any), then ``head``."""
+    return tuple(model.stages) + ("cbam",) * (len(model.cbam) > 0 or model.placement == "block") + ("head",)
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter exactly once, in named groups ordered input → output."""
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in group_names(model)}
+    for name, param in model.named_parameters():
+        groups[group_of(model, name)].append(param)
+    return {name: params for name, params in groups.items() if params}
+
+
+def group_modules(model: nn.Module, kind: type = nn.modules.batchnorm._BatchNorm) -> dict[str, list[nn.Module]]:
+    """The modules of one kind (BatchNorm by default) in each layer group."""
+    found: dict[str, list[nn.Module]] = {name: [] for name in group_names(model)}
+    for name, module in model.named_modules():
+        if name and isinstance(module, kind):
+            found[group_of(model, name)].append(module)
+    return found
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters per layer group, plus ``total``."""
+    counts = {name: sum(p.numel() for p in params) for name, params in layer_groups(model).items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def stage_table(model: nn.Module, image_size: int = 32) -> list[dict]:
+    """One row per stage: output shape (C, H, W) and parameters, for a ``image_size``² input."""
+    was_training = model.training
+    model.eval()
+    params = count_parameters(model)
+    with torch.no_grad():
+        feats = model.features(torch.zeros(1, 3, image_size, image_size))
+    model.train(was_training)
+    return [{"stage": name, "shape": tuple(f.shape[1:]), "params": params.get(name, 0)} for name, f in feats.items()]
+
+
+def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
+    """``build(weights="imagenet", **kwargs)``, or — when the weights cannot be had — random weights, loudly.
+
+    Returns ``(model, pretrained)``; the notebooks use ``pretrained`` to say which conclusions then do not hold.
+    """
+    try:
+        return build(weights="imagenet", **kwargs), True
+    except WeightsError as err:
+        from .presets import banner
+
+        banner("没有 ImageNet 预训练权重 (no ImageNet weights) — using RANDOM weights", str(err))
+        return build(weights=None, **kwargs), False

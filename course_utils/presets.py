@@ -1,0 +1,51 @@
+"""How big a run is: ``COURSE_PRESET`` = ``smoke`` | ``quick`` | ``full``, and loud banners.
+
+* ``smoke`` — every notebook in under a minute on 2 CPU cores (CI): tiny subsets, one epoch per stage.
+* ``quick`` — every notebook in a few minutes on a laptop CPU, still showing the effect it teaches.
+* ``full`` — the lesson's 50 epochs on all 50,000 images (default on a GPU).
+
+Without ``COURSE_PRESET`` the hardware decides: ``full`` with CUDA, ``quick`` otherwise. Each notebook's
+``parameters`` cell leaves its values at ``None``; ``resolve`` fills what papermill's ``-p`` did not set.
+"""
+from __future__ import annotations
+
+import html
+import os
+
+import torch
+
+PRESETS: dict[str, dict] = {
+    "smoke": {"train_size": 500, "val_size": 200, "epochs": (1, 1, 1), "batch_size": 64},
+    "quick": {"train_size": 5000, "val_size": 1000, "epochs": (2, 3, 3), "batch_size": 128},
+    "full": {"train_size": None, "val_size": None, "epochs": (5, 15, 30), "batch_size": 128},
+}
+
+
+def preset_name(name: str | None = None) -> str:
+    """``name``, else ``$COURSE_PRESET``, else ``full`` on a GPU and ``quick`` on a CPU."""
+    name = name or os.environ.get("COURSE_PRESET") or ("full" if torch.cuda.is_available() else "quick")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} "
+                         f"(set COURSE_PRESET or the PRESET parameter)")
+    return name
+
+
+def resolve(preset: str | None = None, **overrides) -> dict:
+    """The preset's values, with every override that is not ``None`` (papermill ``-p``) taking precedence."""
+    name = preset_name(preset)
+    values = dict(PRESETS[name], preset=name)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
+
+
+def banner(title: str, text: str = "") -> None:
+    """A warning that cannot be missed: a red box in a notebook, framed text elsewhere."""
+    print(f"!!! {title}\n!!! {text}" if text else f"!!! {title}")
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(HTML(f'<div style="border:2px solid #c00;background:#fee;padding:8px;margin:4px 0">'
+                     f'<b>⚠ {html.escape(title)}</b><br>{html.escape(text)}</div>'))
