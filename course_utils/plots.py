@@ -1,0 +1,241 @@
+"""Pictures for the course: curves with stages shaded, learning rates per group, weight drift,
+attention maps, feature maps, confusion matrices and strategy comparisons.
+
+Every function returns a closed matplotlib ``Figure`` (shown once when it is a cell's last value,
+or with ``display(fig)``), so nothing is drawn twice and no figures pile up in widget outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+
+from .finetune import EpochPlan, Schedule
+from .models import layer_groups
+
+STAGE_COLORS = ("#e8f0fe", "#fef3e0", "#e6f4ea", "#fce8e6", "#f3e8fd")
+
+
+def _figure(ncols: int = 1, nrows: int = 1, size=(5.5, 3.6), **kw):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
+    plt.close(fig)
+    return fig, axes.ravel()
+
+
+def stage_spans(source) -> list[tuple[str, int, int]]:
+    """``(stage, first_epoch, last_epoch)`` from a Schedule, a History or a list of EpochPlans."""
+    if isinstance(source, Schedule):
+        return source.boundaries()
+    if hasattr(source, "stages") and callable(source.stages):  # History
+        return source.stages()
+    spans: list[tuple[str, int, int]] = []
+    for p in source:
+        if spans and spans[-1][0] == p.stage:
+            spans[-1] = (p.stage, spans[-1][1], p.epoch)
+        else:
+            spans.append((p.stage, p.epoch, p.epoch))
+    return spans
+
+
+def shade_stages(ax, source, label: bool = True) -> None:
+    """Shade each stage's epochs (epoch e spans e-0.5 .. e+0.5) and name it at the top."""
+    for i, (name, first, last) in enumerate(stage_spans(source)):
+        ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS[i % len(STAGE_COLORS)], zorder=0)
+        if label:
+            ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=8)
+
+
+def plot_history(history, title: str | None = None):
+    """Loss and accuracy, train and validation, per epoch, with the stages shaded."""
+    fig, (ax_loss, ax_acc) = _figure(2)
+    epochs = history["epoch"]
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+        shade_stages(ax, history)
+        ax.plot(epochs, history[f"train_{key}"], "o-", label="train", ms=3)
+        if any(v is not None for v in history[f"val_{key}"]):
+            ax.plot(epochs, history[f"val_{key}"], "s-", label="val", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title, y=1.04)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr(source, ax=None, log: bool = True, title: str = "learning rate per group"):
+    """Learning rate of every group per epoch (0 = frozen, drawn as a gap), stages shaded.
+
+    ``source``: a History (what was in force) or a list of :class:`EpochPlan` (what a schedule will do).
+    """
+    if ax is None:
+        fig, (ax,) = _figure(1, size=(7, 3.4))
+    else:
+        fig = ax.figure
+    if isinstance(source, Sequence) and source and isinstance(source[0], EpochPlan):
+        epochs, lrs = [p.epoch for p in source], [p.lr for p in source]
+    else:
+        epochs, lrs = source["epoch"], source["lr"]
+    shade_stages(ax, source)
+    groups = list(lrs[0]) if lrs else []
+    for i, group in enumerate(groups):
+        values = np.array([lr[group] for lr in lrs], dtype=float)
+        values[values == 0] = np.nan  # frozen: no line
+        offset = 1 + 0.04 * (i - len(groups) / 2) if log else 1  # keep equal lines visible side by side
+        ax.step(epochs, values * offset, where="mid", label=group, lw=2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("lr (gap = frozen)")
+    ax.set_title(title, fontsize=10, pad=14)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, to measure later how far each group moved."""
+    return {name: p.detach().clone().cpu() for name, p in model.named_parameters()}
+
+
+def weight_drift(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer group: ‖w − w₀‖ / ‖w₀‖ over all its parameters (0 = did not move)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    drift = {}
+    for group, params in layer_groups(model).items():
+        moved = sum(float((p.detach().cpu() - start[names[id(p)]]).pow(2).sum()) for p in params)
+        size = sum(float(start[names[id(p)]].pow(2).sum()) for p in params)
+        drift[group] = (moved / size) ** 0.5 if size > 0 else float(moved > 0)
+    return drift
+
+
+def plot_weight_drift(drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"):
+    """Bars of :func:`weight_drift` per group; pass ``{run_name: drift}`` to compare runs side by side."""
+    if drifts and not isinstance(next(iter(drifts.values())), Mapping):
+        drifts = {"": drifts}
+    fig, (ax,) = _figure(1, size=(7, 3.4))
+    groups = list(next(iter(drifts.values())))
+    width = 0.8 / len(drifts)
+    for i, (run, drift) in enumerate(drifts.items()):
+        ax.bar(np.arange(len(groups)) + i * width, [drift[g] for g in groups], width, label=run or None)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_ylabel("‖w − w₀‖ / ‖w₀‖")
+    ax.set_title(title, fontsize=10)
+    if len(drifts) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _show_image(ax, image_u8: torch.Tensor):
+    ax.imshow(image_u8.permute(1, 2, 0).cpu().numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run ``images`` (normalised, N×3×H×W) in eval mode; each CBAM's spatial map, named by where it sits."""
+    model.eval()
+    with torch.no_grad():
+        model(images.to(next(model.parameters()).device))
+    return {name.replace(".cbam", "").replace("cbam.", ""): m.last_attention.cpu()
+            for name, m in model.named_modules() if hasattr(m, "last_attention") and m.last_attention is not None}
+
+
+def plot_attention(model: nn.Module, images_u8: torch.Tensor, images: torch.Tensor, classes: Sequence[str] = (),
+                   labels: torch.Tensor | None = None, max_maps: int = 4):
+    """Each image (row) with the spatial attention of up to ``max_maps`` CBAMs laid over it (columns)."""
+    maps = attention_maps(model, images)
+    names = list(maps)[-max_maps:]
+    n = len(images_u8)
+    fig, axes = _figure(len(names) + 1, n, size=(1.7, 1.7))
+    axes = axes.reshape(n, len(names) + 1)
+    size = images_u8.shape[-1]
+    for r in range(n):
+        _show_image(axes[r, 0], images_u8[r])
+        if labels is not None and classes:
+            axes[r, 0].set_ylabel(classes[int(labels[r])], fontsize=8)
+        for c, name in enumerate(names, start=1):
+            attn = maps[name][r:r + 1]
+            low, high = float(attn.min()), float(attn.max())
+            attn = torch.nn.functional.interpolate(attn, size=(size, size), mode="nearest")[0, 0]
+            _show_image(axes[r, c], images_u8[r])
+            axes[r, c].imshow(((attn - low) / max(high - low, 1e-6)).numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[r, c].set_xlabel(f"{low:.2f}–{high:.2f}", fontsize=7)
+            if r == 0:
+                axes[r, c].set_title(f"{name} ({maps[name].shape[-2]}×{maps[name].shape[-1]})", fontsize=8)
+    fig.suptitle("spatial attention: red = high gate (each map scaled min→max, range below)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_maps(features: Mapping[str, torch.Tensor], image_u8: torch.Tensor | None = None, channels: int = 6):
+    """For one image: the first ``channels`` channels of each stage's output (rows), with its size."""
+    names = list(features)
+    fig, axes = _figure(channels + 1, len(names), size=(1.4, 1.5))
+    axes = axes.reshape(len(names), channels + 1)
+    for r, name in enumerate(names):
+        fmap = features[name][0].detach().float().cpu()
+        if image_u8 is not None:
+            _show_image(axes[r, 0], image_u8)
+        else:
+            axes[r, 0].axis("off")
+        axes[r, 0].set_ylabel(f"{name}\n{fmap.shape[0]}×{fmap.shape[1]}×{fmap.shape[2]}", fontsize=8)
+        for c in range(channels):
+            axes[r, c + 1].imshow(fmap[c].numpy(), cmap="viridis")
+            axes[r, c + 1].set_xticks([])
+            axes[r, c + 1].set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(predicted: torch.Tensor, true: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """``cm[t, p]`` = how many images of class t were predicted as p."""
+    return torch.bincount(true.long() * num_classes + predicted.long(), minlength=num_classes ** 2).view(num_classes,
+                                                                                                         num_classes)
+
+
+def plot_confusion(predicted: torch.Tensor, true: torch.Tensor, classes: Sequence[str]):
+    """The confusion matrix, rows normalised to the fraction of each true class."""
+    cm = confusion_matrix(predicted, true, len(classes)).float()
+    rates = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    fig, (ax,) = _figure(1, size=(5.2, 4.6))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for t in range(len(classes)):
+        for p in range(len(classes)):
+            if cm[t, p] > 0:
+                ax.text(p, t, int(cm[t, p]), ha="center", va="center", fontsize=6,
+                        color="white" if rates[t, p] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(histories: Mapping[str, object], metric: str = "val_acc", title: str | None = None):
+    """One line per run of ``metric`` over epochs, and a bar of each run's final value."""
+    fig, (ax_line, ax_bar) = _figure(2)
+    finals = {}
+    for name, history in histories.items():
+        ax_line.plot(history["epoch"], history[metric], "o-", ms=3, label=name)
+        finals[name] = history[metric][-1]
+    ax_line.set_xlabel("epoch")
+    ax_line.set_ylabel(metric)
+    ax_line.legend(fontsize=7)
+    ax_bar.barh(list(finals), list(finals.values()), color=[f"C{i}" for i in range(len(finals))])
+    ax_bar.invert_yaxis()
+    ax_bar.set_xlabel(f"final {metric}")
+    for i, v in enumerate(finals.values()):
+        ax_bar.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
