@@ -119,7 +119,10 @@ def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = No
         except RuntimeError as err:
             notes.append(f"the copy in {root / 'cifar-10-batches-py'} is incomplete or corrupted ({err}); "
                          f"delete that folder to download it again")
-    if source is None and download and os.environ.get("COURSE_OFFLINE", "") not in ("1", "true"):
+    offline = os.environ.get("COURSE_OFFLINE", "") in ("1", "true")
+    if source is None and (offline or not download):
+        notes.append("no download attempted (" + ("COURSE_OFFLINE is set" if offline else "download=False") + ")")
+    if source is None and download and not offline:
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
@@ -137,6 +140,10 @@ def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = No
                 + f". Put torchvision's cifar-10-python.tar.gz into {root} (or its extracted "
                   f"cifar-10-batches-py folder), or restore {SHIPPED_SUBSET} from the repository.")
         splits = read_image_tar(shipped)
+        if "train" not in splits or "val" not in splits:
+            raise DataUnavailableError(f"{shipped} lacks its train/ or val/ images (found {sorted(splits)}): it is "
+                                       f"truncated or corrupted. Restore it with `git checkout -- {SHIPPED_SUBSET}` "
+                                       f"in data/.")
         train, val = splits["train"], splits["val"]
         source = f"shipped subset {shipped}"
     train_idx = balanced_subset(train[1], train_size, seed)
@@ -229,11 +236,10 @@ class TensorLoader:
         mean_t = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self._scale, self._shift = 1 / (255 * std_t), mean_t / std_t
-        self.epoch = 0
-        self._explicit_epoch = False
+        self.epoch = 0  # the epoch the next pass uses; each pass advances it by one
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._explicit_epoch = epoch, True
+        self.epoch = epoch
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -260,9 +266,7 @@ class TensorLoader:
         n = len(self.labels)
         if self.train:
             order, dy, dx, flip = (t.to(self.device) for t in self.epoch_randomness(self.epoch))
-            if not self._explicit_epoch:
-                self.epoch += 1
-            self._explicit_epoch = False
+            self.epoch += 1  # after set_epoch(e) too: a pass without set_epoch must not repeat epoch e
         for i in range(len(self)):
             if self.train:
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]

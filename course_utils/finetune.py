@@ -14,6 +14,7 @@ group simply has learning rate 0, no gradients and its BatchNorm layers in eval 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,8 +47,8 @@ class Stage:
                              f"(a group such as 'head', or 'new' / 'pretrained' / 'all')")
         lrs = self.lr.items() if isinstance(self.lr, dict) else [("lr", self.lr)]
         for key, value in lrs:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"stage {self.name!r}: learning rate {key}={value!r} must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"stage {self.name!r}: learning rate {key}={value!r} must be a positive (finite) number")
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,9 @@ class ResNetCBAM(nn.Module):
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         self.stem = nn.Sequential(OrderedDict(conv1=conv1, bn1=bn1, relu=nn.ReLU(inplace=True), maxpool=pool))
+        # The head is drawn before any CBAM so that one seed gives the same head whatever the placement
+        # (comparisons between placements, and CBAM vs none, then differ only by the CBAM modules).
+        fc = nn.Linear(512, num_classes)
         widths = (64, 128, 256, 512)
         cbam_at = {"stage": (1, 2, 3, 4), "high": (3, 4), "block": (), None: ()}[placement]
         for i, width in enumerate(widths, start=1):
@@ -150,7 +153,7 @@ class ResNetCBAM(nn.Module):
             setattr(self, f"layer{i}", layer)
         self.cbam = nn.ModuleDict({f"layer{i}": CBAM(widths[i - 1], identity_init=identity_init) for i in cbam_at})
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = fc
         self.placement, self.stem_kind = placement, stem
         self.new_groups = ("stem",) * (stem == "cifar") + ("cbam",) * (placement is not None) + ("head",)
 
@@ -202,12 +205,13 @@ class VGGCBAM(nn.Module):
         super().__init__()
         for i, (start, stop) in enumerate(VGG16_BLOCKS, start=1):
             setattr(self, f"block{i}", nn.Sequential(*backbone.features[start:stop]))
+        head = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, num_classes))  # before the CBAMs: see ResNetCBAM
         cbam_at = {"stage": (1, 2, 3, 4, 5), "high": (4, 5), None: ()}[placement]
         self.cbam = nn.ModuleDict({f"block{i}": CBAM(VGG16_WIDTHS[i - 1], identity_init=identity_init)
                                    for i in cbam_at})
         self.maxpool = nn.MaxPool2d(2, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, num_classes))
+        self.head = head
         self.placement = placement
         self.new_groups = ("cbam",) * (placement is not None) + ("head",)
 
@@ -282,8 +286,9 @@ def stage_table(model: nn.Module, image_size: int = 32) -> list[dict]:
     was_training = model.training
     model.eval()
     params = count_parameters(model)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        feats = model.features(torch.zeros(1, 3, image_size, image_size))
+        feats = model.features(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)
     return [{"stage": name, "shape": tuple(f.shape[1:]), "params": params.get(name, 0)} for name, f in feats.items()]
 

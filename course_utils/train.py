@@ -260,6 +260,15 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             seen += len(labels)
         if seen == 0:
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")
+        # The loss is checked before each step, so the last step of an epoch could still leave NaN/inf
+        # weights: never write those over the last good checkpoint.
+        bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
+                else "no checkpoint was asked for"
+            raise TrainingDiverged(f"{bad} became NaN or infinite in epoch {plan.epoch} ({plan.stage}); {kept}. "
+                                   f"Lower the learning rate of this stage ({plan.lr}).")
         train_seconds = time.perf_counter() - start
         val_loss, val_acc = evaluate(model, val_loader, device, amp) if val_loader is not None else (None, None)
         history.append({
