@@ -197,18 +197,19 @@ def normalization(pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
-    """Batched random crop with zero padding and horizontal flip, as one gather.
+    """Batched random crop with zero padding and horizontal flip, as two gathers (rows, then columns).
 
     ``images`` (N, C, H, W) any dtype; ``dy``, ``dx`` in ``[0, 2·pad]`` and ``flip`` (bool) per image.
+    The flip is folded into the column indices. Gathering with expanded (N, 1, H, 1) / (N, 1, 1, W)
+    indices allocates no per-pixel index tensors: 2-10x faster on the CPU than one 4-index gather.
     """
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
     rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, H)
     cols = dx[:, None] + torch.arange(w, device=images.device)  # (N, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    n_idx = torch.arange(n, device=images.device)[:, None, None, None]
-    c_idx = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))  # (N, C, H, W + 2·pad)
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 class TensorLoader:
@@ -291,7 +292,7 @@ class PilDataset(torch.utils.data.Dataset):
     """uint8 tensor images served as PIL images through torchvision transforms (the usual way)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.images = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # HWC, as torchvision's CIFAR10 keeps it
         self.labels = labels.tolist()
         self.transform = transform
 

@@ -51,8 +51,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             why = f"it is truncated or corrupted ({text})"
         raise WeightsError(f"cannot load weights file {path}: {why}. Delete it and download it again.") from err
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a course checkpoint: take its model weights
+    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+        raise WeightsError(f"{path} is a training checkpoint written by fit, not backbone weights: continue it with "
+                           f"fit(..., checkpoint='{path}', resume=True), or load its 'model' entry into a model of "
+                           f"the same kind with model.load_state_dict(torch.load(path, weights_only=True)['model'])")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
     return state
@@ -305,3 +307,21 @@ def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
 
         banner("没有 ImageNet 预训练权重 (no ImageNet weights) — using RANDOM weights", str(err))
         return build(weights=None, **kwargs), False
+
+
+def transplant(src: nn.Module, dst: nn.Module) -> list[str]:
+    """Copy every parameter and buffer of ``src`` into ``dst`` where name and shape match; return the rest.
+
+    Names are matched ignoring the ``.block`` wrapper of ``placement="block"``, so a trained plain model
+    (``placement=None``) moves into any CBAM placement. Returns the ``dst`` state_dict keys left as they
+    were (the new modules: CBAM, or a head or stem of another shape) — check it holds only what you expect.
+    """
+    def plain(key: str) -> str:
+        return key.replace(".block.", ".")
+
+    source = {plain(k): v for k, v in src.state_dict().items()}
+    target = dst.state_dict()
+    copied = {k: source[plain(k)] for k, v in target.items()
+              if plain(k) in source and source[plain(k)].shape == v.shape}
+    dst.load_state_dict(copied, strict=False)
+    return [k for k in target if k not in copied]

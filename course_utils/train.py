@@ -6,6 +6,7 @@ atomically (temporary file, fsync, rename), so a run killed at any moment resume
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -180,6 +181,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _unfreeze_on_exit(fit_fn):
+    """However ``fit`` ends — returned, diverged, or interrupted (Kernel → Interrupt) — no group is left
+    frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval."""
+    @functools.wraps(fit_fn)
+    def wrapper(model, *args, **kwargs):
+        try:
+            return fit_fn(model, *args, **kwargs)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.eval()
+    return wrapper
+
+
+@_unfreeze_on_exit
 def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, device=None,
         checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         weight_decay: float = 1e-2, optimizer: str = "adamw", label_smoothing: float = 0.0,

@@ -1,0 +1,396 @@
+"""``python -m course_utils bench``: the plain torchvision way against the course's fast path.
+
+In one run, on the same model, batch size, optimizer (AdamW) and images, it times
+
+* **plain** — the way the original lesson trains: torchvision transforms on PIL images in a ``DataLoader``
+  with worker processes (``RandomCrop(32, 4)`` + ``RandomHorizontalFlip``), fp32, NCHW, a textbook loop;
+  the row **lesson** is the same with the lesson's full augmentation (+ ``ColorJitter`` + ``RandomRotation``);
+* **course** — :func:`course_utils.train.fit` fed by :class:`course_utils.data.TensorLoader` (uint8 images
+  held on the device, crop/flip/normalise as batched tensor ops), with fit's own defaults per device
+  (CUDA: bf16 autocast, channels_last, cuDNN autotuning; CPU: channels_last for ResNets);
+
+train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
+separately. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
+so a change in machine load hits them alike; a first pass of each is a warm-up and not counted. Figures are
+the medians of the repeats. The images are the CIFAR-10 the project has (a local copy, else the shipped
+subset, tiled to ``--images``) or, failing that, synthetic uint8 images of the same shape — never the network.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the
+process's peak resident set (``VmHWM`` in ``/proc/self/status``, reset before each pass through
+``/proc/self/clear_refs``; the plain path's DataLoader worker processes are not included). Where the reset
+is not possible it falls back to ``resource.getrusage(...).ru_maxrss``, the peak since the process started.
+``step MB`` is the peak minus what was resident when the pass began (both models live in the process).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as cdata
+from .finetune import Schedule, Stage
+from .models import resnet18_cbam, vgg16_cbam
+from .train import evaluate, fit
+
+MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
+DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
+LR = 1e-3
+
+
+# ------------------------------------------------------------------------------ data
+def bench_images(n: int, synthetic: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``n`` uint8 (3, 32, 32) training images and labels: the project's CIFAR-10, tiled; else synthetic.
+
+    Never downloads: a local full copy in ``data/`` if there is one, else the shipped subset.
+    """
+    if not synthetic:
+        try:
+            data = cdata.load_cifar10(download=False, verbose=False, seed=seed)
+        except cdata.DataUnavailableError as err:
+            print(f"bench: no CIFAR-10 at hand ({err}); using synthetic images", file=sys.stderr)
+        else:
+            idx = torch.arange(n) % len(data.train_labels)
+            kind = "CIFAR-10" if data.full else "shipped CIFAR-10 subset"
+            tiled = f", tiled {n / len(data.train_labels):.1f}x" if n > len(data.train_labels) else ""
+            return data.train_images[idx], data.train_labels[idx], f"{kind} ({len(data.train_labels)} images{tiled})"
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images, torch.arange(n) % 10, "synthetic uint8 images"
+
+
+# ------------------------------------------------------------------------------ memory
+class PeakMemory:
+    """Peak memory of one pass: CUDA allocator peak, or the process's peak RSS on the CPU (see module doc)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated (reset before each pass)"
+        elif self._reset_rss():
+            self.method = "peak RSS of the process, VmHWM reset via /proc/self/clear_refs before each pass"
+        else:
+            self.method = "resource.getrusage ru_maxrss: peak RSS since the process started (cannot reset)"
+        self._base = 0.0
+
+    @staticmethod
+    def _status_kb(field: str) -> int | None:
+        try:
+            match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def _reset_rss(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return self._status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def _current_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        rss = self._status_kb("VmRSS")
+        return rss / 1024 if rss is not None else 0.0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif "clear_refs" in self.method:
+            self._reset_rss()
+        self._base = self._current_mb()
+
+    def peak(self) -> tuple[float, float]:
+        """``(peak MB, peak MB above what was resident at reset)``."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif "clear_refs" in self.method:
+            peak = self._status_kb("VmHWM") / 1024
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return peak, max(peak - self._base, 0.0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ the plain way
+def plain_train_epoch(model, loader, optimizer, device) -> int:
+    """One epoch the textbook way: fp32, NCHW, ``loss.item()`` every step. Returns the images seen."""
+    model.train()
+    seen, running_loss = 0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+        seen += len(labels)
+    return seen
+
+
+def plain_evaluate(model, loader, device) -> tuple[int, float]:
+    """Accuracy the textbook way (``torch.no_grad``). Returns ``(images seen, accuracy)``."""
+    model.eval()
+    seen, correct = 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            correct += (model(images).argmax(1) == labels).sum().item()
+            seen += len(labels)
+    return seen, correct / max(seen, 1)
+
+
+# ------------------------------------------------------------------------------ the benchmark
+def _summary(samples: list[tuple[int, float]], mem: list[tuple[float, float]]) -> dict:
+    rates = [n / s for n, s in samples]
+    return {"images_per_s": statistics.median(rates), "runs_images_per_s": rates,
+            "seconds": [s for _, s in samples], "images": samples[0][0] if samples else 0,
+            "peak_mb": max(p for p, _ in mem), "step_mb": max(d for _, d in mem)}
+
+
+def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_size: int = 32,
+              images: int | None = None, repeats: int = 3, batch_size: int = 128, workers: int = 2,
+              lesson: bool = True, compile: bool = False, amp: bool | None = None,
+              channels_last: bool | None = None, threads: int | None = None, synthetic: bool = False,
+              seed: int = 0, progress: bool = True) -> dict:
+    """Time plain vs course train steps and evaluation; returns the figures (see :func:`format_table`).
+
+    ``amp``/``channels_last``: ``None`` = :func:`~course_utils.train.fit`'s defaults for the course path.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    if threads:
+        torch.set_num_threads(threads)
+    n = images or DEFAULT_IMAGES.get(device.type, 2048)
+    if n < batch_size:
+        raise ValueError(f"--images {n} is less than one batch of {batch_size}")
+    size = None if image_size == 32 else image_size
+    x, y, source = bench_images(n, synthetic, seed)
+    load_start = os.getloadavg()
+
+    def build():
+        torch.manual_seed(seed)
+        return MODELS[model](num_classes=10, weights=None).to(device)
+
+    # plain: a fresh model and optimizer per augmentation, DataLoader with worker processes
+    plain = {"plain": {"lesson": False}}
+    if lesson:
+        plain["lesson"] = {"lesson": True}
+    for name, p in plain.items():
+        p["model"] = build()
+        p["opt"] = torch.optim.AdamW(p["model"].parameters(), lr=LR)
+        p["loader"] = cdata.plain_loader(x, y, batch_size, train=True, image_size=size, lesson=p["lesson"],
+                                         num_workers=workers, seed=seed)
+        p["samples"], p["mem"] = [], []
+    # course: fit over a TensorLoader; one fit epoch per repeat (+1 warm-up)
+    course_model = build()
+    cl = channels_last
+    if cl is None:  # fit's default, so the loader hands over batches already in that layout
+        cl = device.type == "cuda" or type(course_model).__name__.startswith("ResNet")
+    course_loader = cdata.TensorLoader(x, y, batch_size, train=True, image_size=size, device=device, seed=seed,
+                                       channels_last=cl)
+    course = {"samples": [], "mem": [], "warmup_s": None}
+    memory = PeakMemory(device)
+    bar = tqdm(total=(1 + repeats) * (len(plain) + 1), desc="bench train", disable=not progress)
+
+    def plain_pass(epoch: int) -> None:
+        flag = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False  # the plain way does not autotune (fit switched it on)
+        try:
+            for p in plain.values():
+                memory.reset()
+                start = time.perf_counter()
+                seen = plain_train_epoch(p["model"], p["loader"], p["opt"], device)
+                _sync(device)
+                seconds = time.perf_counter() - start
+                if epoch > 0:
+                    p["samples"].append((seen, seconds))
+                    p["mem"].append(memory.peak())
+                bar.update(1)
+        finally:
+            torch.backends.cudnn.benchmark = flag
+
+    def after_course_epoch(history) -> None:
+        seen = len(course_loader) * batch_size  # drop_last: every batch is full
+        train_seconds = seen / history.rows[-1]["images_per_s"]  # fit's own timing of its training loop
+        if len(history) == 1:
+            course["warmup_s"] = train_seconds
+        else:
+            course["samples"].append((seen, train_seconds))
+            course["mem"].append(memory.peak())
+        bar.update(1)
+        plain_pass(len(history) - 1)
+        memory.reset()  # for fit's next epoch
+
+    memory.reset()
+    fit(course_model, Schedule([Stage("bench", 1 + repeats, "all", LR)]), course_loader, None, device=device,
+        progress=False, amp=amp, channels_last=channels_last, compile=compile, on_epoch_end=after_course_epoch)
+    bar.close()
+
+    # evaluation: plain DataLoader without augmentation + no_grad, vs fit's evaluate on an eval TensorLoader
+    plain_eval_loader = cdata.plain_loader(x, y, batch_size, train=False, image_size=size, num_workers=workers)
+    course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
+                                            channels_last=cl)
+    course_amp = device.type == "cuda" if amp is None else amp
+    ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
+    eval_model = plain["plain"]["model"]
+    for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
+        memory.reset()
+        start = time.perf_counter()
+        seen, _ = plain_evaluate(eval_model, plain_eval_loader, device)
+        _sync(device)
+        if r:
+            ev["plain"]["samples"].append((seen, time.perf_counter() - start))
+            ev["plain"]["mem"].append(memory.peak())
+        memory.reset()
+        start = time.perf_counter()
+        evaluate(course_model, course_eval_loader, device, course_amp)
+        _sync(device)
+        if r:
+            ev["course"]["samples"].append((n, time.perf_counter() - start))
+            ev["course"]["mem"].append(memory.peak())
+    del plain_eval_loader
+    for p in plain.values():
+        del p["loader"]  # stops the persistent workers
+
+    train = {name: _summary(p["samples"], p["mem"]) for name, p in plain.items()}
+    train["course"] = _summary(course["samples"], course["mem"])
+    evaluation = {name: _summary(e["samples"], e["mem"]) for name, e in ev.items()}
+    timed_epoch = statistics.median(s for _, s in course["samples"])
+    ratio = {"train": train["course"]["images_per_s"] / train["plain"]["images_per_s"],
+             "eval": evaluation["course"]["images_per_s"] / evaluation["plain"]["images_per_s"]}
+    if lesson:
+        ratio["train_vs_lesson"] = train["course"]["images_per_s"] / train["lesson"]["images_per_s"]
+    return {
+        "config": {"device": str(device), "model": model, "image_size": image_size, "images": n,
+                   "repeats": repeats, "batch_size": batch_size, "workers": workers, "compile": compile,
+                   "course_amp": course_amp, "course_channels_last": cl, "optimizer": "AdamW",
+                   "threads": torch.get_num_threads(), "data": source, "seed": seed},
+        "machine": machine_info(device, load_start),
+        "train": train,
+        "eval": evaluation,
+        "ratio": ratio,
+        "course_first_epoch_overhead_s": max(course["warmup_s"] - timed_epoch, 0.0),
+        "memory_method": memory.method,
+    }
+
+
+def machine_info(device: torch.device, load_start=None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if load_start is not None:
+        info["load_avg_start"] = round(load_start[0], 2)
+        info["load_avg_end"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def format_table(result: dict) -> str:
+    """The figures as a small text table."""
+    c, m = result["config"], result["machine"]
+    lines = [f"{c['model']} at {c['image_size']}px, batch {c['batch_size']}, {c['images']} images "
+             f"({c['data']}), {c['repeats']} repeats (median), AdamW",
+             f"device: {c['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+             + f"; CPU: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {c['threads']} threads",
+             "",
+             f"{'':32s} {'train img/s':>12s} {'ratio':>7s} {'peak MB':>9s} {'step MB':>8s}"]
+    names = {"plain": f"plain: PIL crop+flip, {c['workers']} workers",
+             "lesson": "plain: lesson (+jitter+rotation)",
+             "course": "course: TensorLoader + fit"}
+    base = result["train"]["plain"]["images_per_s"]
+    for key, row in result["train"].items():
+        lines.append(f"{names[key]:32s} {row['images_per_s']:12.0f} {row['images_per_s'] / base:6.2f}x "
+                     f"{row['peak_mb']:9.0f} {row['step_mb']:8.0f}")
+    lines += ["", f"{'':32s} {'eval img/s':>12s}"]
+    base = result["eval"]["plain"]["images_per_s"]
+    enames = {"plain": "plain: DataLoader, no_grad", "course": "course: evaluate (inference_mode)"}
+    for key, row in result["eval"].items():
+        lines.append(f"{enames[key]:32s} {row['images_per_s']:12.0f} {row['images_per_s'] / base:6.2f}x "
+                     f"{row['peak_mb']:9.0f} {row['step_mb']:8.0f}")
+    r = result["ratio"]
+    lines += ["", f"course / plain (crop+flip, same augmentation): train {r['train']:.2f}x, eval {r['eval']:.2f}x"
+              + (f"; vs the lesson's full pipeline: train {r['train_vs_lesson']:.2f}x" if "train_vs_lesson" in r
+                 else ""),
+              f"course path: {'bf16 autocast' if c['course_amp'] else 'fp32'}, "
+              f"{'channels_last' if c['course_channels_last'] else 'NCHW'}"
+              f"{', torch.compile' if c['compile'] else ''}; first-epoch overhead "
+              f"{result['course_first_epoch_overhead_s']:.1f} s (warm-up{', compilation' if c['compile'] else ''})",
+              f"memory: {result['memory_method']}"]
+    if "load_avg_start" in m and max(m["load_avg_start"], m["load_avg_end"]) > (m["cpu_count"] or 1):
+        lines.append(f"WARNING: load average {m['load_avg_start']} -> {m['load_avg_end']} exceeds "
+                     f"{m['cpu_count']} cores: other processes shared the CPU, figures are noisy")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ command line
+def _on_off(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--model", choices=tuple(MODELS), default="resnet18_cbam")
+    parser.add_argument("--image-size", type=int, default=32, help="input side in pixels (default 32)")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"images per pass (default {DEFAULT_IMAGES['cpu']} on cpu, {DEFAULT_IMAGES['cuda']} on cuda)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per path; the median is reported")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain path (lesson: 2)")
+    parser.add_argument("--no-lesson", action="store_true", help="skip the lesson-augmentation row")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the course path's model")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 autocast on the course path (auto: fit's default)")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="channels_last on the course path (auto: fit's default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic uint8 images instead of CIFAR-10")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    result = run_bench(device=args.device, model=args.model, image_size=args.image_size, images=args.images,
+                       repeats=args.repeats, batch_size=args.batch_size, workers=args.workers,
+                       lesson=not args.no_lesson, compile=args.compile, amp=_on_off(args.amp),
+                       channels_last=_on_off(args.channels_last), threads=args.threads,
+                       synthetic=args.synthetic, seed=args.seed, progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"figures written to {path}")
+    return result

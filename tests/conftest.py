@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny seeded data, an isolated TORCH_HOME, a random torchvision ResNet18 state_dict file.
+
+Everything is seeded; the models are the course's ResNet18 with the ImageNet stem at 32×32 (the cheapest
+configuration on a CPU) and the data a few dozen images, so the suite runs in a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+# One intra-op thread: bit-for-bit reproducible runs (the SIGKILL test compares a subprocess with this
+# process) and no collapse when the 2 cores are shared (OpenMP's spinning threads made a forward pass
+# 60× slower under load). COURSE_TEST_THREADS overrides it; tests/_train_worker.py reads it too.
+TEST_THREADS = int(os.environ.get("COURSE_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+from _helpers import make_loaders, random_images
+from course_utils import data as cdata
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    random.seed(0)
+    torch.manual_seed(0)
+    torch.set_num_threads(TEST_THREADS)  # again: a test elsewhere (a benchmark) may have changed it
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """96 random uint8 32×32 images with labels (seeded)."""
+    return random_images(96)
+
+
+@pytest.fixture
+def loaders(tiny_data):
+    """Fresh loaders over 64 tiny images: 2 training batches of 32 per epoch."""
+    images, labels = tiny_data
+    return make_loaders(images, labels, batch_size=32, n_train=64)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torchvision/torch.hub cache: ``$TORCH_HOME`` points to a fresh temporary folder."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case anything called torch.hub.set_dir
+    return home
+
+
+@pytest.fixture(scope="session")
+def resnet18_state_file(tmp_path_factory):
+    """A seeded random torchvision ResNet18 state_dict saved with torch.save: stands in for ImageNet weights."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1234)
+    net = resnet18(weights=None)
+    # Make BatchNorm non-trivial so a wrong or missing load cannot go unnoticed.
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_subset():
+    """The shipped real CIFAR-10 subset (no download attempted): 500 train / 200 val, class-balanced."""
+    return cdata.load_cifar10(train_size=500, val_size=200, download=False, verbose=False)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails at once, as on an offline machine."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable (simulated by the test)")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (simulated by the test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

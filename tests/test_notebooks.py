@@ -1,0 +1,115 @@
+"""Every notebook in notebooks/: exactly one ``parameters`` cell, clean committed outputs, and a papermill run.
+
+The papermill run (marked ``slow``) executes each notebook with ``PRESET="smoke"`` plus smaller sizes for
+whichever of ``TRAIN_SIZE`` / ``VAL_SIZE`` / ``BATCH_SIZE`` its parameters cell defines, then checks that
+papermill injected them, that the printed configuration shows them, and that no cell failed. Notebooks are
+found by glob, so a new one is tested without touching this file.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+MAX_BYTES = 3_000_000
+
+# The smallest sensible sizes, for the parameters a notebook defines (smoke's own are 256-500 images).
+SMALL = {"TRAIN_SIZE": 64, "VAL_SIZE": 64, "BATCH_SIZE": 32}
+PER_NOTEBOOK = {  # VGG16 trains at a few dozen images per second on a CPU
+    "05_homework_vgg16_cbam.ipynb": {"TRAIN_SIZE": 32, "VAL_SIZE": 32, "BATCH_SIZE": 16},
+}
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def assigned(source: str) -> dict[str, object]:
+    """``{name: value}`` of the top-level ``NAME = literal`` lines of a cell (value None if not a literal)."""
+    values = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    try:
+                        values[target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        values[target.id] = None
+    return values
+
+
+def output_text(nb: dict) -> str:
+    """All text a notebook printed or displayed as plain text."""
+    parts = []
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            if out["output_type"] == "stream":
+                parts.append("".join(out["text"]))
+            elif "data" in out:
+                parts.append("".join(out["data"].get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def errors(nb: dict) -> list[str]:
+    return [f"cell {i}: {out.get('ename')}: {out.get('evalue')}" for i, cell in enumerate(nb["cells"])
+            for out in cell.get("outputs", []) if out["output_type"] == "error"]
+
+
+ids = [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_exactly_one_parameters_cell(path):
+    cells = [c for c in read(path)["cells"] if "parameters" in tags(c)]
+    assert len(cells) == 1, f"{path.name} has {len(cells)} cells tagged 'parameters' (papermill needs exactly one)"
+    assert cells[0]["cell_type"] == "code"
+    assert "PRESET" in assigned("".join(cells[0]["source"])), "the parameters cell should define PRESET"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_committed_notebook_is_clean_and_small(path):
+    nb = read(path)
+    assert not errors(nb), f"{path.name} was committed with error outputs: {errors(nb)}"
+    assert path.stat().st_size < MAX_BYTES, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB (limit 3 MB)"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_runs_with_papermill_overrides(path, tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("COURSE_RESULTS", str(tmp_path / "results"))  # saved runs go to tmp, not the repository
+    (cell,) = [c for c in read(path)["cells"] if "parameters" in tags(c)]
+    defined = assigned("".join(cell["source"]))
+    overrides = {k: v for k, v in {**SMALL, **PER_NOTEBOOK.get(path.name, {})}.items() if k in defined}
+    parameters = {"PRESET": "smoke", **overrides}
+    if "RESULTS_DIR" in defined:
+        parameters["RESULTS_DIR"] = str(tmp_path / "results")
+
+    out = tmp_path / path.name
+    papermill.execute_notebook(str(path), str(out), parameters=parameters, kernel_name="python3",
+                               cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=600)
+    executed = read(out)
+    assert not errors(executed), errors(executed)
+
+    injected = [c for c in executed["cells"] if "injected-parameters" in tags(c)]
+    assert len(injected) == 1, "papermill did not inject the parameters"
+    assert assigned("".join(injected[0]["source"])) == parameters
+
+    printed = output_text(executed)
+    assert re.search(r"""['"]?preset['"]?\s*[:=]\s*['"]?smoke\b""", printed), "the printed cfg does not show the smoke preset"
+    for name, value in overrides.items():
+        key = name.lower()
+        assert re.search(rf"""['"]?{key}['"]?\s*[:=]\s*{value}\b""", printed), \
+            f"{name}={value} was injected but the printed cfg does not show {key} = {value}"
