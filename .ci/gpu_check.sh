@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU figures for the README (issue 4). Run from the repository root on a machine with one CUDA GPU:
 #
-#     bash .ci/gpu_check.sh            # ~5-8 minutes on an H200-class GPU
+#     bash .ci/gpu_check.sh            # all of it, ~5-8 minutes on an H200-class GPU
+#     bash .ci/gpu_check.sh bench      # only 1.;  bash .ci/gpu_check.sh fit  # only 2.
 #
 # 1. `python -m course_utils bench --device cuda`, eager and with --compile (plain vs course, train and eval);
 # 2. the lesson's full three-stage schedule (5+15+30 = 50 epochs, ResNet18+CBAM at 32 px, batch 128) on
@@ -9,23 +10,28 @@
 #    eager and with torch.compile. CIFAR-10 from data/cifar-10-batches-py if it is there; otherwise
 #    synthetic uint8 images of CIFAR's shape (the time does not depend on the pixels).
 # Targets: the 50-epoch run in at most 120 s; course path >= 5x the plain approach in train images/s.
-# Figures (JSON) land in ${OUT:-gpu-figures}/.
+# Figures (JSON) land in ${OUT:-output/gpu-figures}/ (output/ is not committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-OUT=${OUT:-gpu-figures}
+OUT=${OUT:-output/gpu-figures}
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print("torch", torch.__version__, torch.cuda.get_device_name())'
 
+WHAT=${1:-all}
+
+if [ "$WHAT" != fit ]; then
 echo "=== bench, eager ==="
 "$PY" -m course_utils bench --device cuda --repeats 3 --no-progress --json "$OUT/bench_cuda.json"
 echo "=== bench, torch.compile ==="
 "$PY" -m course_utils bench --device cuda --repeats 3 --no-progress --compile --no-lesson \
     --json "$OUT/bench_cuda_compile.json"
+fi
 
+if [ "$WHAT" != bench ]; then
 for COMPILE in 0 1; do
 echo "=== full three-stage schedule, 50 epochs, compile=$COMPILE ==="
 COMPILE=$COMPILE OUT=$OUT "$PY" - <<'EOF'
@@ -57,7 +63,6 @@ start = time.perf_counter()
 history = fit(model, schedule, train_loader, val_loader, device="cuda", progress=False, compile=compile_)
 torch.cuda.synchronize()
 total = time.perf_counter() - start
-images = len(train_loader) * 128 * schedule.epochs
 rows = history.stage_summary()
 for r in rows:
     print(f"  stage {r['stage']:14s} epochs {r['epochs']:6s} {r['seconds']:6.1f} s  val_acc {r['val_acc']:.3f}")
@@ -71,12 +76,16 @@ with open(out, "w") as f:
                "torch": torch.__version__, "stages": rows, "images_per_s": history["images_per_s"]}, f, indent=1)
 EOF
 done
+fi
 
 "$PY" - "$OUT" <<'EOF'
-import json, sys
+import glob, json, os, sys
 out = sys.argv[1]
-for name in ("bench_cuda", "bench_cuda_compile"):
-    r = json.load(open(f"{out}/{name}.json"))
+for path in sorted(glob.glob(f"{out}/bench_cuda*.json")):
+    r, name = json.load(open(path)), os.path.basename(path)[:-5]
     print(f"{name}: course/plain train {r['ratio']['train']:.1f}x (target >= 5x), eval {r['ratio']['eval']:.1f}x, "
           f"course {r['train']['course']['images_per_s']:.0f} img/s vs plain {r['train']['plain']['images_per_s']:.0f}")
+for path in sorted(glob.glob(f"{out}/full_schedule*.json")):
+    r = json.load(open(path))
+    print(f"{os.path.basename(path)[:-5]}: {r['seconds']:.1f} s (target <= 120 s) on {r['gpu']}, data: {r['data']}")
 EOF
