@@ -7,7 +7,8 @@ In one run, on the same model, batch size, optimizer (AdamW) and images, it time
   the row **lesson** is the same with the lesson's full augmentation (+ ``ColorJitter`` + ``RandomRotation``);
 * **course** — :func:`course_utils.train.fit` fed by :class:`course_utils.data.TensorLoader` (uint8 images
   held on the device, crop/flip/normalise as batched tensor ops), with fit's own defaults per device
-  (CUDA: bf16 autocast, channels_last, cuDNN autotuning; CPU: channels_last for ResNets);
+  (bf16 autocast where the hardware has bf16 — CUDA, or a CPU with AVX512-BF16/AMX; channels_last on CUDA
+  and for ResNets on the CPU; cuDNN autotuning; a fused AdamW step);
 
 train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
 separately. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from . import data as cdata
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
-from .train import evaluate, fit
+from .train import default_amp, default_channels_last, evaluate, fit
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
@@ -209,7 +210,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     course_model = build()
     cl = channels_last
     if cl is None:  # fit's default, so the loader hands over batches already in that layout
-        cl = device.type == "cuda" or type(course_model).__name__.startswith("ResNet")
+        cl = default_channels_last(course_model, device)
     course_loader = cdata.TensorLoader(x, y, batch_size, train=True, image_size=size, device=device, seed=seed,
                                        channels_last=cl)
     course = {"samples": [], "mem": [], "warmup_s": None}
@@ -254,7 +255,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     plain_eval_loader = cdata.plain_loader(x, y, batch_size, train=False, image_size=size, num_workers=workers)
     course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
                                             channels_last=cl)
-    course_amp = device.type == "cuda" if amp is None else amp
+    course_amp = default_amp(device) if amp is None else amp
     ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
     eval_model = plain["plain"]["model"]
     for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
@@ -296,6 +297,65 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
         "course_first_epoch_overhead_s": max(course["warmup_s"] - timed_epoch, 0.0),
         "memory_method": memory.method,
     }
+
+
+def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs: int = 8, seeds: int = 3,
+                 train_size: int | None = 5000, val_size: int | None = 1000, batch_size: int = 128,
+                 workers: int = 2, progress: bool = True) -> dict:
+    """Does the fast path learn as well as the plain one? Both train ``model`` from the same random
+    initialisation for ``epochs`` at a constant AdamW learning rate on the same CIFAR-10 split (default:
+    the ``quick`` preset's 5,000/1,000), once per seed; returns each path's validation accuracies and
+    their mean and spread, as measured by each path's own evaluation."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = cdata.load_cifar10(train_size=train_size, val_size=val_size, download=False, verbose=False)
+    results = {"plain": [], "course": []}
+    bar = tqdm(total=2 * seeds * epochs, desc="accuracy", disable=not progress)
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        plain_model = MODELS[model](num_classes=10, weights=None).to(device)
+        course_model = MODELS[model](num_classes=10, weights=None).to(device)
+        course_model.load_state_dict(plain_model.state_dict())
+        # plain: PIL transforms in a DataLoader, fp32, AdamW, the textbook loop
+        opt = torch.optim.AdamW(plain_model.parameters(), lr=LR)
+        train_loader = cdata.plain_loader(data.train_images, data.train_labels, batch_size, train=True,
+                                          num_workers=workers, seed=seed)
+        val_loader = cdata.plain_loader(data.val_images, data.val_labels, 256, num_workers=workers)
+        for _ in range(epochs):
+            plain_train_epoch(plain_model, train_loader, opt, device)
+            bar.update(1)
+        results["plain"].append(plain_evaluate(plain_model, val_loader, device)[1])
+        del train_loader, val_loader
+        # course: fit on TensorLoaders with its defaults
+        train_fast, val_fast = cdata.make_loaders(data, batch_size, device=device, seed=seed,
+                                                  channels_last=default_channels_last(course_model, device))
+        history = fit(course_model, Schedule([Stage("all", epochs, "all", LR)]), train_fast, val_fast,
+                      device=device, progress=False, on_epoch_end=lambda h: bar.update(1))
+        results["course"].append(history.rows[-1]["val_acc"])
+    bar.close()
+    summary = {name: {"val_acc": accs, "mean": statistics.mean(accs),
+                      "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0} for name, accs in results.items()}
+    return {"config": {"device": str(device), "model": model, "epochs": epochs, "seeds": seeds, "lr": LR,
+                       "train": len(data.train_labels), "val": len(data.val_labels), "data": data.source,
+                       "course_amp": default_amp(device), "batch_size": batch_size},
+            "machine": machine_info(device), "accuracy": summary,
+            "difference": summary["course"]["mean"] - summary["plain"]["mean"]}
+
+
+def format_accuracy(result: dict) -> str:
+    c, a = result["config"], result["accuracy"]
+    lines = [f"{c['model']}, random init, {c['epochs']} epochs at AdamW lr {c['lr']:g}, {c['train']} train / "
+             f"{c['val']} val images ({c['data']}), {c['seeds']} seeds, device {c['device']}", "",
+             f"{'':34s} {'val acc mean':>12s} {'stdev':>7s}   per seed"]
+    names = {"plain": "plain: PIL DataLoader, fp32", "course": "course: TensorLoader + fit" +
+             (", bf16" if c["course_amp"] else "")}
+    for key, row in a.items():
+        lines.append(f"{names[key]:34s} {row['mean']:12.3f} {row['stdev']:7.3f}   "
+                     + " ".join(f"{v:.3f}" for v in row["val_acc"]))
+    noise = max(a["plain"]["stdev"], a["course"]["stdev"])
+    lines += ["", f"course - plain: {result['difference']:+.3f} (largest seed-to-seed stdev {noise:.3f})"]
+    return "\n".join(lines)
 
 
 def machine_info(device: torch.device, load_start=None) -> dict:
@@ -376,20 +436,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--synthetic", action="store_true", help="synthetic uint8 images instead of CIFAR-10")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", type=int, metavar="EPOCHS", default=None,
+                        help="instead of timing: train both paths EPOCHS epochs on the quick preset's split, "
+                             "once per seed (--repeats seeds), and compare validation accuracy")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.accuracy is not None:
+        result = run_accuracy(device=args.device, model=args.model, epochs=args.accuracy, seeds=args.repeats,
+                              batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        print(format_accuracy(result))
+        return _write_json(result, args.json)
     result = run_bench(device=args.device, model=args.model, image_size=args.image_size, images=args.images,
                        repeats=args.repeats, batch_size=args.batch_size, workers=args.workers,
                        lesson=not args.no_lesson, compile=args.compile, amp=_on_off(args.amp),
                        channels_last=_on_off(args.channels_last), threads=args.threads,
                        synthetic=args.synthetic, seed=args.seed, progress=not args.no_progress)
     print(format_table(result))
-    if args.json:
-        path = Path(args.json)
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict, json_path: str | None) -> dict:
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"figures written to {path}")

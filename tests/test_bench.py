@@ -131,3 +131,20 @@ def test_bench_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--device", "--model", "--image-size", "--images", "--repeats", "--json", "--compile"):
         assert option in text
+
+
+def test_accuracy_mode_trains_both_paths_on_the_same_split(tmp_path):
+    """``bench --accuracy``: both paths on the same real split, one accuracy per seed, summary consistent."""
+    from course_utils import bench
+
+    result = bench.run_accuracy(device="cpu", epochs=1, seeds=2, train_size=200, val_size=100, batch_size=50,
+                                workers=0, progress=False)
+    assert result["config"]["train"] == 200 and result["config"]["val"] == 100
+    for row in result["accuracy"].values():
+        assert len(row["val_acc"]) == 2
+        assert all(0 <= a <= 1 and round(a * 100) == pytest.approx(a * 100) for a in row["val_acc"]), row
+        assert row["mean"] == pytest.approx(sum(row["val_acc"]) / 2)
+    acc = result["accuracy"]
+    assert result["difference"] == pytest.approx(acc["course"]["mean"] - acc["plain"]["mean"])
+    text = bench.format_accuracy(result)
+    assert "course - plain" in text and f"{acc['plain']['mean']:.3f}" in text

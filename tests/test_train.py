@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import (HookedLoader, differing, expected_group, group_state, reference_loaders, reference_model,
-                      reference_schedule)
-from course_utils import presets
-from course_utils.finetune import Schedule, Stage, one_stage_schedule
+from _helpers import (HookedLoader, differing, expected_group, group_state, make_loaders, random_images,
+                      reference_loaders, reference_model, reference_schedule)
+from course_utils import presets, train
+from course_utils.finetune import Schedule, Stage, make_optimizer, one_stage_schedule
 from course_utils.models import resnet18_cbam
 from course_utils.train import COLUMNS, CheckpointError, History, TrainingDiverged, fit, load_checkpoint
 
@@ -340,6 +340,49 @@ def test_short_fit_on_the_shipped_subset_beats_chance(cifar_subset):
     assert len(cifar_subset.val_labels) == 200
     assert losses[-1] < math.log(10) - 0.2 and losses[-1] < losses[0], losses
     assert accs[-1] > 0.2, accs
+
+
+# ------------------------------------------------------------------------------ precision and optimizer
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_by_default_only_on_cpus_that_have_it(monkeypatch, avx512_bf16, amx, expected):
+    """Emulated bf16 (a laptop with AVX2 only) is slower than fp32, so fit's default stays fp32 there."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert train.default_amp(torch.device("cpu")) is expected
+    assert train.default_amp(torch.device("cuda")) is True
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_switches_the_convolutions_to_bf16_in_training_and_evaluation(amp):
+    """What fit(amp=...) asks for is what the convolutions compute in; the loss is fp32 either way."""
+    torch.manual_seed(0)
+    model = resnet18_cbam(weights=None)
+    images, labels = random_images(64)
+    train_loader, val_loader = make_loaders(images, labels, batch_size=32)
+    dtypes = []
+    stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append((module.training, output.dtype)))
+    history = fit(model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False, amp=amp)
+    want = torch.bfloat16 if amp else torch.float32
+    assert {d for training, d in dtypes if training} == {want}, dtypes
+    assert {d for training, d in dtypes if not training} == {want}, dtypes
+    assert math.isfinite(history["train_loss"][0])
+
+
+def test_optimizer_is_fused_and_skips_frozen_parameters():
+    model = resnet18_cbam(weights=None)
+    opt = make_optimizer(model)
+    assert opt.defaults["fused"] is True
+    frozen = [p for g in opt.param_groups if g["group"] == "layer1" for p in g["params"]]
+    before = [p.detach().clone() for p in frozen]
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    for p in frozen:
+        p.requires_grad_(False)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, frozen)), "a frozen parameter moved (weight decay?)"
+    assert not any(opt.state[p] for p in frozen), "the optimizer kept state for a frozen parameter"
 
 
 # ------------------------------------------------------------------------------ presets
