@@ -122,6 +122,14 @@ def test_bench_command_end_to_end(tmp_path, capsys):
                                                                / result["train"]["lesson"]["images_per_s"])
     assert result["config"]["device"] == "cpu" and result["config"]["data"] == "synthetic uint8 images"
     assert result["memory_method"]
+    # a busy machine at the start is flagged; the benchmark's own load at the end is not
+    from course_utils.bench import format_table
+
+    cores = result["machine"]["cpu_count"]
+    result["machine"].update(load_avg_start=0.1, load_avg_end=cores * 2.0)
+    assert "WARNING" not in format_table(result)
+    result["machine"].update(load_avg_start=cores * 1.0)
+    assert "WARNING: the machine was busy" in format_table(result)
 
 
 def test_bench_help_lists_the_options(capsys):
