@@ -258,7 +258,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     plain_eval_loader = cdata.plain_loader(x, y, batch_size, train=False, image_size=size, num_workers=workers)
     course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
                                             channels_last=cl)
-    course_amp = default_amp(device) if amp is None else amp
+    course_amp = default_amp(device, image_size) if amp is None else amp
     ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
     eval_model = plain["plain"]["model"]
     for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
@@ -341,7 +341,7 @@ def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs
                       "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0} for name, accs in results.items()}
     return {"config": {"device": str(device), "model": model, "epochs": epochs, "seeds": seeds, "lr": LR,
                        "train": len(data.train_labels), "val": len(data.val_labels), "data": data.source,
-                       "course_amp": default_amp(device), "batch_size": batch_size},
+                       "course_amp": default_amp(device, 32), "batch_size": batch_size},
             "machine": machine_info(device), "accuracy": summary,
             "difference": summary["course"]["mean"] - summary["plain"]["mean"]}
 

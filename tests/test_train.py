@@ -369,6 +369,22 @@ def test_amp_switches_the_convolutions_to_bf16_in_training_and_evaluation(amp):
     assert math.isfinite(history["train_loss"][0])
 
 
+@pytest.mark.parametrize("size, expected", [(32, torch.bfloat16), (16, torch.float32)])
+def test_default_precision_on_a_bf16_cpu_is_fp32_below_32_pixels(monkeypatch, size, expected):
+    """oneDNN's bf16 weight gradient of a stride-2 3×3 conv on a 1×1 map (layer4 at 16×16) is sometimes NaN."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert train.default_amp("cpu", size) is (expected == torch.bfloat16)
+    assert train.default_amp("cpu", (size, 64)) is (expected == torch.bfloat16)
+    torch.manual_seed(0)
+    model = resnet18_cbam(weights=None)
+    train_loader, val_loader = make_loaders(*random_images(32, size=size), batch_size=16)
+    dtypes = []
+    stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    fit(model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False)
+    assert set(dtypes) == {expected}, dtypes
+
+
 def test_optimizer_is_fused_and_skips_frozen_parameters():
     model = resnet18_cbam(weights=None)
     opt = make_optimizer(model)
