@@ -341,7 +341,7 @@ def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs
                       "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0} for name, accs in results.items()}
     return {"config": {"device": str(device), "model": model, "epochs": epochs, "seeds": seeds, "lr": LR,
                        "train": len(data.train_labels), "val": len(data.val_labels), "data": data.source,
-                       "course_amp": default_amp(device, 32), "batch_size": batch_size},
+                       "course_amp": default_amp(device, data.train_images.shape[-2:]), "batch_size": batch_size},
             "machine": machine_info(device), "accuracy": summary,
             "difference": summary["course"]["mean"] - summary["plain"]["mean"]}
 

@@ -224,7 +224,7 @@ def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str 
     if optimizer == "adamw":
         # fused: one kernel for the whole update instead of a dozen per parameter group; measured faster
         # on the CPU and on CUDA. Frozen parameters have no grad and are skipped, as by the plain AdamW.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
         return torch.optim.AdamW(param_groups, lr=0.0, fused=fused or None)
     if optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, nesterov=True)

@@ -343,6 +343,14 @@ def test_short_fit_on_the_shipped_subset_beats_chance(cifar_subset):
 
 
 # ------------------------------------------------------------------------------ precision and optimizer
+def stem_conv_dtypes(model) -> list[tuple[bool, torch.dtype]]:
+    """Fills with ``(training, output dtype)`` of the stem's convolution at every forward pass."""
+    dtypes = []
+    stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append((module.training, output.dtype)))
+    return dtypes
+
+
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
 def test_bf16_by_default_only_on_cpus_that_have_it(monkeypatch, avx512_bf16, amx, expected):
     """Emulated bf16 (a laptop with AVX2 only) is slower than fp32, so fit's default stays fp32 there."""
@@ -359,9 +367,7 @@ def test_amp_switches_the_convolutions_to_bf16_in_training_and_evaluation(amp):
     model = resnet18_cbam(weights=None)
     images, labels = random_images(64)
     train_loader, val_loader = make_loaders(images, labels, batch_size=32)
-    dtypes = []
-    stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
-    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append((module.training, output.dtype)))
+    dtypes = stem_conv_dtypes(model)
     history = fit(model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False, amp=amp)
     want = torch.bfloat16 if amp else torch.float32
     assert {d for training, d in dtypes if training} == {want}, dtypes
@@ -378,11 +384,9 @@ def test_default_precision_on_a_bf16_cpu_is_fp32_below_32_pixels(monkeypatch, si
     torch.manual_seed(0)
     model = resnet18_cbam(weights=None)
     train_loader, val_loader = make_loaders(*random_images(32, size=size), batch_size=16)
-    dtypes = []
-    stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
-    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    dtypes = stem_conv_dtypes(model)
     fit(model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False)
-    assert set(dtypes) == {expected}, dtypes
+    assert {d for _, d in dtypes} == {expected}, dtypes
 
 
 def test_optimizer_is_fused_and_skips_frozen_parameters():
