@@ -214,6 +214,50 @@ def predict(model: nn.Module, loader, device=None) -> tuple[torch.Tensor, torch.
     return torch.cat(preds), torch.cat(trues)
 
 
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
+    """Per-run setup of ``fit`` (and of ``lr_find``): the model on ``device``, channels-last when asked
+    (default: :func:`default_channels_last`); returns that choice."""
+    if channels_last is None:
+        channels_last = default_channels_last(model, device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return channels_last
+
+
+def start_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan) -> None:
+    """Per-epoch setup of ``fit`` (and of :func:`course_utils.lr_finder.lr_find`): training mode, then the
+    plan's learning rates and freezing (:func:`~course_utils.finetune.apply_epoch`)."""
+    model.train()
+    apply_epoch(model, optimizer, plan)
+
+
+def batch_to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    """A training batch on ``device`` (images in channels-last memory format when asked)."""
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+               amp: bool, label_smoothing: float = 0.0, check_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of ``fit`` on a batch already on the model's device: forward under autocast,
+    cross-entropy, ``check_loss(loss)`` (``fit``'s NaN/inf check; it may raise before anything is
+    updated), backward, step. Returns ``(loss, logits)``. :func:`course_utils.lr_finder.lr_find` takes
+    the same step."""
+    with _autocast(images.device, amp):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    if check_loss is not None:
+        check_loss(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -254,11 +298,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
 
     device = torch.device(device) if device else default_device()
     plans = schedule.plan_for(model)  # validates the schedule against this model before any training
-    if channels_last is None:
-        channels_last = default_channels_last(model, device)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    channels_last = prepare_model(model, device, channels_last)
     opt = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
     history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device)})
 
@@ -288,29 +328,24 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     for plan in plans[len(history):]:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(plan.epoch)
-        model.train()
-        apply_epoch(model, opt, plan)
+        start_epoch(model, opt, plan)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         batches = tqdm(train_loader, desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False, disable=not progress)
         for i, (images, labels) in enumerate(batches):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, labels = batch_to_device(images, labels, device, channels_last)
             if amp is None:  # decided by the first batch's size (see default_amp)
                 amp = default_amp(device, images.shape[-2:])
-            with _autocast(device, amp):
-                logits = step_model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
-                    else "no checkpoint was asked for"
-                raise TrainingDiverged(f"loss became {loss.item()} in epoch {plan.epoch} ({plan.stage}), batch {i}; "
-                                       f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+            def check_loss(loss):  # called at once, before backward (i, plan: this batch)
+                if not torch.isfinite(loss):
+                    kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
+                        else "no checkpoint was asked for"
+                    raise TrainingDiverged(f"loss became {loss.item()} in epoch {plan.epoch} ({plan.stage}), "
+                                           f"batch {i}; {kept}. Lower the learning rate of this stage ({plan.lr}).")
+
+            loss, logits = train_step(step_model, opt, images, labels, amp=amp, label_smoothing=label_smoothing,
+                                      check_loss=check_loss)
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
