@@ -9,8 +9,10 @@ Two plain functions hold the logic, so it is tested without a browser:
 
 :func:`schedule_designer` builds the panel (:class:`ScheduleDesigner`, an ``ipywidgets.VBox``). An invalid
 choice shows a message in the panel and keeps the last valid schedule (``panel.schedule``); it never
-raises into the notebook. Stable CSS classes (``schedule-end1``, ``schedule-preview-table``,
-``schedule-error``, …) let a browser test find the parts.
+raises into the notebook. Each stage has a "find LR" button: :func:`~course_utils.lr_finder.lr_find` for
+that stage on a fresh copy of the model, its curve shown in the panel and the stage's slider(s) set to the
+suggestion. Stable CSS classes (``schedule-end1``, ``schedule-preview-table``, ``schedule-error``,
+``schedule-find-lr-1``, ``schedule-lr-curve``, …) let a browser test find the parts.
 """
 from __future__ import annotations
 
@@ -251,18 +253,21 @@ class ScheduleDesigner(W.VBox):
 
     ``panel.schedule``: the current (last valid) :class:`Schedule`; ``panel.values``: the controls'
     values (assignable, also partially); ``panel.error``: the message of an invalid choice, else ``""``;
-    ``panel.train()``: train the current schedule from a normal cell; ``panel.runs``: the runs so far.
+    ``panel.train()``: train the current schedule from a normal cell; ``panel.runs``: the runs so far;
+    ``panel.find_lr(stage)``: what stage ``stage``'s "find LR" button does (``panel.finder_results``).
     """
 
     def __init__(self, model: nn.Module, train_loader=None, val_loader=None, *, model_fn=None,
                  epochs: Sequence[int] = (5, 15, 30), preset: str | None = None, max_epochs: int | None = None,
-                 fit_kwargs: Mapping | None = None):
+                 fit_kwargs: Mapping | None = None, finder_kwargs: Mapping | None = None):
         self.groups = list(layer_groups(model))
         self.new_groups = tuple(g for g in self.groups if g in getattr(model, "new_groups", ("cbam", "head")))
         self._template = None if model_fn is not None else copy.deepcopy(model)
         self.model_fn = model_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.fit_kwargs = dict(fit_kwargs or {})
+        self.finder_kwargs = dict(finder_kwargs or {})  # for lr_find (num_steps, start_lr, …)
+        self.finder_results: dict[int, object] = {}  # stage number → its last LRFinderResult
         self.epochs = tuple(int(e) for e in epochs)
         self.runs: list[dict] = []
         self.error = ""
@@ -294,12 +299,18 @@ class ScheduleDesigner(W.VBox):
         self.w_train = [{g: W.ToggleButton(description=g, tooltip=f"stage {i + 1} trains {g}",
                                            layout=W.Layout(width="auto", min_width="56px"))
                          for g in self.groups} for i in range(MAX_STAGES)]
+        self.w_find_lr = [W.Button(description="找学习率 find LR", icon="search",
+                                   tooltip=f"run the LR finder for stage {i + 1} on a fresh copy of the model",
+                                   layout=W.Layout(width="auto")) for i in range(MAX_STAGES)]
+        for i, button in enumerate(self.w_find_lr):
+            button.add_class(f"schedule-find-lr-{i + 1}")
+            button.on_click(lambda _b, stage=i + 1: self._on_find_lr_clicked(stage))
         self._columns = []
         for i in range(MAX_STAGES):
             toggles = W.HBox(list(self.w_train[i].values()), layout=W.Layout(flex_flow="row wrap", width="300px"))
             toggles.add_class(f"schedule-trainable-{i + 1}")
             column = W.VBox([W.HTML(f"<b>阶段 {i + 1} (stage {i + 1})</b> — 解冻 (unfreeze):"), toggles,
-                             self.w_lr[i], self.w_lr_new[i]],
+                             self.w_lr[i], self.w_lr_new[i], self.w_find_lr[i]],
                             layout=W.Layout(border="1px solid #ddd", padding="4px", margin="2px"))
             self._columns.append(column)
         self.w_error = W.HTML("")
@@ -317,6 +328,10 @@ class ScheduleDesigner(W.VBox):
         self.w_curves.add_class("schedule-curves")
         self.w_runs = W.HTML("")
         self.w_runs.add_class("schedule-runs-table")
+        self.w_lr_status = W.HTML("")
+        self.w_lr_status.add_class("schedule-find-lr-status")
+        self.w_lr_curve = W.Image(format="png", layout=W.Layout(max_width="640px", display="none"))
+        self.w_lr_curve.add_class("schedule-lr-curve")
         self.w_button.on_click(self._on_train_clicked)
 
         for w in self._value_widgets():
@@ -326,7 +341,7 @@ class ScheduleDesigner(W.VBox):
             W.HBox([self.w_preset, self.w_stages, self.w_differential], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.w_end1, self.w_end2, self.w_total], layout=W.Layout(flex_flow="row wrap")),
             W.HBox(self._columns, layout=W.Layout(flex_flow="row wrap")),
-            self.w_error, self.w_plot, self.w_table,
+            self.w_error, self.w_lr_status, self.w_lr_curve, self.w_plot, self.w_table,
             W.HBox([self.w_button, self.w_status]), self.w_progress, self.w_curves, self.w_runs,
         ])
         self.add_class("schedule-designer")
@@ -533,9 +548,75 @@ class ScheduleDesigner(W.VBox):
             self._busy = False
             self.w_button.disabled = bool(self.error)
 
+    # -- learning-rate finder
+    def find_lr(self, stage: int, **finder_kwargs):
+        """Run :func:`~course_utils.lr_finder.lr_find` for stage ``stage`` (1 = the first) of the current
+        schedule on a fresh model (:meth:`fresh_model` — never the panel's own), show its curve, and set
+        that stage's learning-rate slider(s) to the suggestion (in differential mode both, ratio kept).
+        Returns the :class:`~course_utils.lr_finder.LRFinderResult`."""
+        from .lr_finder import lr_find
+
+        if self.error:
+            raise ValueError(f"the panel's current choice is invalid: {self.error}")
+        if self.train_loader is None:
+            raise ValueError("this panel has no data: pass train_loader to schedule_designer")
+        schedule = self._schedule
+        if not 1 <= stage <= len(schedule.stages):
+            raise ValueError(f"stage {stage} is not in the current schedule of {len(schedule.stages)} stages")
+        shared = {k: v for k, v in self.fit_kwargs.items()
+                  if k in ("device", "weight_decay", "optimizer", "label_smoothing", "amp", "channels_last")}
+        result = lr_find(self.fresh_model(), schedule, self.train_loader, which=stage,
+                         **{**shared, **self.finder_kwargs, **finder_kwargs})
+        self.finder_results[stage] = result
+        self.w_lr_curve.value = _png(result.plot())
+        self.w_lr_curve.layout.display = None
+        self.w_lr_status.value = self._apply_suggestion(stage, result)
+        return result
+
+    def _apply_suggestion(self, stage: int, result) -> str:
+        """Set stage ``stage``'s slider(s) to ``result``'s suggestion; returns the panel's message."""
+        i = stage - 1
+        lr = result.suggested_stage().lr
+        lrs, lrs_new = list(self.w_lr[j].value for j in range(MAX_STAGES)), list(w.value for w in self.w_lr_new)
+        if isinstance(lr, dict):  # differential: {"new": …, "pretrained": …}
+            lrs_new[i], lrs[i] = lr["new"], lr["pretrained"]
+        elif self.w_differential.value and all(g in self.new_groups for g in result.shares):
+            lrs_new[i] = lr  # only new modules: their slider
+        else:
+            lrs[i] = lr
+            if not self.w_differential.value:  # the new modules' slider waits at RATIO× (see values_from_schedule)
+                lrs_new[i] = lr if all(g in self.new_groups for g in result.shares) else lr * RATIO
+        low, high = self.w_lr[i].base ** self.w_lr[i].min, self.w_lr[i].base ** self.w_lr[i].max
+        clipped = [x for x in (lrs[i], lrs_new[i]) if not low <= x <= high]
+        self.set_values({"lr": tuple(min(max(x, low), high) for x in lrs),
+                         "lr_new": tuple(min(max(x, low), high) for x in lrs_new)})
+        rates = ", ".join(f"{g} {x:.1e}" for g, x in result.suggested_lrs().items())
+        note = (f" <span style='color:#c60'>(outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end)</span>"
+                if clipped else "")
+        stopped = "stopped at divergence" if result.diverged else "no divergence up to the end of the sweep"
+        return (f"<b>阶段 {stage} (stage {stage})</b> LR finder: suggestion {result.suggestion():.1e} "
+                f"(valley; {len(result)} steps, {stopped}) → {html.escape(rates)}{note}")
+
+    def _on_find_lr_clicked(self, stage: int) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        self.w_button.disabled = True
+        self.w_lr_status.value = f"阶段 {stage} (stage {stage}): LR finder running …"
+        try:
+            self.w_progress.clear_output()
+            with self.w_progress:
+                self.find_lr(stage)
+        except Exception as err:  # a widget callback must not raise into the notebook: say it in the panel
+            self.w_lr_status.value = (f"<span style='color:#c00'><b>LR finder failed (stage {stage}):</b> "
+                                      f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>")
+        finally:
+            self._busy = False
+            self.w_button.disabled = bool(self.error)
+
 
 def schedule_designer(model: nn.Module, train_loader=None, val_loader=None, **kwargs):
     """The schedule panel for ``model``'s layer groups (see :class:`ScheduleDesigner` for ``kwargs``:
     ``model_fn`` to build each run's model, ``epochs`` the presets' stage lengths, ``preset``,
-    ``max_epochs``, ``fit_kwargs``). Make it a cell's last value to show it."""
+    ``max_epochs``, ``fit_kwargs``, ``finder_kwargs`` for the "find LR" buttons' ``lr_find``). Make it a cell's last value to show it."""
     return ScheduleDesigner(model, train_loader, val_loader, **kwargs)
