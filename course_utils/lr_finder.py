@@ -145,9 +145,10 @@ class LRFinderResult:
         ax.plot(self.multiplier, self.smoothed, color="C0", lw=2, label="smoothed loss")
         ax.set_xscale("log")
         finite = [v for v in self.smoothed if math.isfinite(v)]
-        if finite:  # keep the blow-up from flattening the interesting part
-            low, first = min(finite), finite[0]
-            ax.set_ylim(low - 0.1 * (first - low + 1e-3), max(first, low) + 0.6 * (first - low + 1e-3))
+        if finite:  # from a little below the minimum to a little above the start: the blow-up is cut off
+            low, high = min(finite), max(finite[0], min(finite))
+            span = max(high - low, 0.05 * abs(high), 1e-3)
+            ax.set_ylim(low - 0.2 * span, high + 0.5 * span)
         try:
             best = self.suggestion(rule)
             i = int(np.argmin(np.abs(np.log(np.asarray(self.multiplier)) - math.log(best))))
@@ -312,10 +313,9 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
         start_epoch(model, opt, plan)
         ratio = (end_lr / start_lr) ** (1 / (num_steps - 1))
         average, best = 0.0, math.inf
-        batches = tqdm(_batches(train_loader, plan.epoch, num_steps, result.notes), total=num_steps,
-                       desc=f"lr_find [{stage.name}]", leave=False, disable=not progress)
+        bar = tqdm(total=num_steps, desc=f"lr_find [{stage.name}]", leave=False, disable=not progress)
         try:
-            for step, (images, labels) in enumerate(batches):
+            for step, (images, labels) in enumerate(_batches(train_loader, plan.epoch, num_steps, result.notes)):
                 multiplier = start_lr * ratio ** step
                 for param_group in opt.param_groups:
                     param_group["lr"] = multiplier * shares.get(param_group["group"], 0.0)
@@ -330,6 +330,7 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
                 result.lrs.append({pg["group"]: pg["lr"] for pg in opt.param_groups})  # as in force
                 result.loss.append(value)
                 result.smoothed.append(smoothed)
+                bar.update(1)
                 if not math.isfinite(smoothed) or smoothed > diverge * best:
                     result.diverged = True
                     break
@@ -337,7 +338,7 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
                 if step + 1 == num_steps:
                     break
         finally:
-            batches.close()
+            bar.close()
     finally:
         snapshot.restore()
     if progress:

@@ -4,9 +4,10 @@ The test starts JupyterLab on 127.0.0.1 (a free port, a random token, a temporar
 notebook 04 cut after its panel cell (``tags: schedule-panel``; the training cells that follow are left
 out, and ``EPOCHS = (2, 3, 3)`` is injected after the parameters cell as papermill would), runs it with
 the menu's Run ▸ Run All Cells, then moves the stage-1 boundary slider with the keyboard and checks that
-the preview table follows, and that moving it past the end of stage 2 shows the invalid-choice message
-while the table keeps the last valid schedule. Screenshots go to ``test-artifacts/``; JupyterLab (and
-its kernel) is stopped even when the test fails.
+the preview table follows, clicks stage 1's "find LR" button and checks that the finder's curve appears
+and stage 1's learning-rate slider moves to the suggestion, and that moving the boundary past the end of
+stage 2 shows the invalid-choice message while the table keeps the last valid schedule. Screenshots go
+to ``test-artifacts/``; JupyterLab (and its kernel) is stopped even when the test fails.
 
 Needs Debian's Chromium (``apt-get install chromium``) and Playwright's Python package — never
 Playwright's own browser download. Without Chromium the test is skipped with that reason.
@@ -36,6 +37,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 EPOCHS = (2, 3, 3)  # stage 1 = 1-2, stage 2 = 3-5, stage 3 = 6-8
+FINDER_STEPS = 20  # the "find LR" click's sweep
 
 
 def chromium_path() -> str | None:
@@ -57,7 +59,9 @@ def panel_notebook(path: Path) -> None:
     injected = {"id": "injected-parameters", "cell_type": "code", "execution_count": None,
                 "metadata": {"tags": ["injected-parameters"]},
                 "outputs": [], "source": f'PRESET = "smoke"\nEPOCHS = {EPOCHS}\n'}
-    cells = cells[:params + 1] + [injected] + cells[params + 1:last + 1]
+    finder = {"id": "injected-finder", "cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+              "source": f"panel.finder_kwargs = {{'num_steps': {FINDER_STEPS}}}  # a short sweep for the test\n"}
+    cells = cells[:params + 1] + [injected] + cells[params + 1:last + 1] + [finder]
     for c in cells:
         if c["cell_type"] == "code":
             c["outputs"], c["execution_count"] = [], None
@@ -214,6 +218,20 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
             assert moved != before and "1-2" not in moved
             shot("browser_panel_moved.png", panel)
 
+            # Stage 1's "find LR": the curve appears and stage 1's lr slider moves to the suggestion.
+            lr_readout = page.locator(".schedule-lr-1 .widget-readout")
+            lr_before = lr_readout.inner_text()
+            expect(page.locator(".schedule-lr-curve")).to_be_hidden()
+            page.locator("button.schedule-find-lr-1").click()
+            status = page.locator(".schedule-find-lr-status")
+            expect(status).to_contain_text("suggestion", timeout=180_000)
+            expect(page.locator(".schedule-lr-curve")).to_be_visible()
+            suggestion = re.search(r"suggestion (\S+) \(valley", status.inner_text()).group(1)  # Python's .1e
+            mantissa, exponent = suggestion.split("e")
+            expect(lr_readout).to_have_text(f"{mantissa}e{int(exponent)}", timeout=30_000)  # the slider's d3 .1e
+            expect(table).to_contain_text(suggestion, timeout=30_000)  # the preview: the schedule follows
+            shot("browser_panel_find_lr.png", panel)
+
             # One more (3 → 4) is still valid; then 4 → 5 leaves stage 2 empty and 5 → 6 ends it before stage 1.
             # One key press at a time: the widget manager may merge quick successive changes.
             handle.press("ArrowRight")
@@ -234,6 +252,7 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
             shot("browser_page.png")
             assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
             print(f"\nmoved the stage-1 end 2→3: preview table {before!r} → {moved!r}\n"
+                  f"find LR (stage 1): slider {lr_before} → {suggestion}\n"
                   f"moved it 3→6: message {error.inner_text()!r}, table kept {kept!r}\n"
                   f"screenshots: {', '.join(str(s) for s in shots)}")
         except BaseException:
