@@ -530,23 +530,33 @@ class ScheduleDesigner(W.VBox):
                          "seconds": f"{run['seconds']:.1f}"})
         return rows
 
-    def _on_train_clicked(self, _button=None) -> None:
-        if self._busy or self.error:
-            return
+    def _in_panel(self, status: W.HTML, running: str, failed: str, action) -> bool:
+        """Run ``action()`` with the panel busy and its output in the progress area; an exception is shown
+        in ``status`` (a widget callback must not raise into the notebook). Returns whether it succeeded."""
+        if self._busy:
+            return False
         self._busy = True
         self.w_button.disabled = True
-        self.w_status.value = f"训练中 (training) run {len(self.runs) + 1} …"
+        status.value = running
         try:
             self.w_progress.clear_output()
             with self.w_progress:
-                self.train(in_panel=True)
-            self.w_status.value = f"完成 (done): run {len(self.runs)}"
-        except Exception as err:  # a widget callback must not raise into the notebook: say it in the panel
-            self.w_status.value = (f"<span style='color:#c00'><b>训练失败 (training failed):</b> "
-                                   f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>")
+                action()
+            return True
+        except Exception as err:
+            status.value = (f"<span style='color:#c00'><b>{failed}:</b> "
+                            f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>")
+            return False
         finally:
             self._busy = False
             self.w_button.disabled = bool(self.error)
+
+    def _on_train_clicked(self, _button=None) -> None:
+        if self.error:
+            return
+        if self._in_panel(self.w_status, f"训练中 (training) run {len(self.runs) + 1} …", "训练失败 (training failed)",
+                          lambda: self.train(in_panel=True)):
+            self.w_status.value = f"完成 (done): run {len(self.runs)}"
 
     # -- learning-rate finder
     def find_lr(self, stage: int, **finder_kwargs):
@@ -598,21 +608,8 @@ class ScheduleDesigner(W.VBox):
                 f"(valley; {len(result)} steps, {stopped}) → {html.escape(rates)}{note}")
 
     def _on_find_lr_clicked(self, stage: int) -> None:
-        if self._busy:
-            return
-        self._busy = True
-        self.w_button.disabled = True
-        self.w_lr_status.value = f"阶段 {stage} (stage {stage}): LR finder running …"
-        try:
-            self.w_progress.clear_output()
-            with self.w_progress:
-                self.find_lr(stage)
-        except Exception as err:  # a widget callback must not raise into the notebook: say it in the panel
-            self.w_lr_status.value = (f"<span style='color:#c00'><b>LR finder failed (stage {stage}):</b> "
-                                      f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>")
-        finally:
-            self._busy = False
-            self.w_button.disabled = bool(self.error)
+        self._in_panel(self.w_lr_status, f"阶段 {stage} (stage {stage}): LR finder running …",
+                       f"LR finder failed (stage {stage})", lambda: self.find_lr(stage))
 
 
 def schedule_designer(model: nn.Module, train_loader=None, val_loader=None, **kwargs):
