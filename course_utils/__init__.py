@@ -2,7 +2,7 @@
 
 One module per idea the notebooks teach, data flowing in this order:
 ``data`` → ``cbam`` / ``models`` → ``finetune`` (the schedule) → ``train`` (``fit``) → ``plots``;
-``presets`` sizes the runs, ``experiments`` caches the strategy comparison's runs on disk, ``widgets`` is the
+``lr_finder`` sweeps one stage's learning rate with ``train``'s own step; ``presets`` sizes the runs, ``experiments`` caches the strategy comparison's runs on disk, ``widgets`` is the
 instructor's schedule designer, ``bench`` the benchmark (``python -m course_utils bench``).
 """
 __version__ = "0.1.0"
