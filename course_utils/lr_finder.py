@@ -10,7 +10,7 @@ smoothed loss exceeds ``diverge`` × its best or the loss is NaN/inf.
 
 Afterwards the model is exactly as it was (bit for bit): parameters, buffers, gradients, every
 ``requires_grad``, each module's train/eval mode, device and memory format; so are a passed optimizer's
-state, the loader's epoch counter and the global RNGs (``random``, torch CPU, CUDA). Running the finder
+state, the loader's epoch counter and the global RNGs (``random``, torch CPU, CUDA, MPS). Running the finder
 before ``fit`` does not change what ``fit`` then does. The same seed gives the same curve.
 """
 from __future__ import annotations
@@ -232,6 +232,7 @@ class _Snapshot:
         self.python_rng = random.getstate()
         self.torch_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.mps_rng = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -251,6 +252,8 @@ class _Snapshot:
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+        if self.mps_rng is not None:
+            torch.mps.set_rng_state(self.mps_rng)
 
 
 def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: int | str | None = None,

@@ -554,8 +554,8 @@ class ScheduleDesigner(W.VBox):
     def _on_train_clicked(self, _button=None) -> None:
         if self.error:
             return
-        if self._in_panel(self.w_status, f"训练中 (training) run {len(self.runs) + 1} …", "训练失败 (training failed)",
-                          lambda: self.train(in_panel=True)):
+        running = f"训练中 (training) run {len(self.runs) + 1} …"
+        if self._in_panel(self.w_status, running, "训练失败 (training failed)", lambda: self.train(in_panel=True)):
             self.w_status.value = f"完成 (done): run {len(self.runs)}"
 
     # -- learning-rate finder
@@ -615,5 +615,6 @@ class ScheduleDesigner(W.VBox):
 def schedule_designer(model: nn.Module, train_loader=None, val_loader=None, **kwargs):
     """The schedule panel for ``model``'s layer groups (see :class:`ScheduleDesigner` for ``kwargs``:
     ``model_fn`` to build each run's model, ``epochs`` the presets' stage lengths, ``preset``,
-    ``max_epochs``, ``fit_kwargs``, ``finder_kwargs`` for the "find LR" buttons' ``lr_find``). Make it a cell's last value to show it."""
+    ``max_epochs``, ``fit_kwargs``, ``finder_kwargs`` for the "find LR" buttons' ``lr_find``). Make it a
+    cell's last value to show it."""
     return ScheduleDesigner(model, train_loader, val_loader, **kwargs)

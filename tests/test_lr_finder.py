@@ -221,7 +221,7 @@ class Quadratic(nn.Module):
 
 
 class NoisyTargets:
-    """Batches of the two inputs x₁ = (a, 0), x₂ = (0, b) with targets w*·x + noise (σ): Hessian diag(a², b²)/2."""
+    """Batches of the two inputs x₁ = (a, 0), x₂ = (0, b), targets w*·x + noise (σ): Hessian diag(a², b²)/2."""
 
     def __init__(self, a=2.0, b=1.0, sigma=0.5, batches=300, seed=0):
         self.x = torch.tensor([[a, 0.0], [0.0, b]], dtype=torch.float64)
