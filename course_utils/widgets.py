@@ -563,6 +563,8 @@ class ScheduleDesigner(W.VBox):
         """Run :func:`~course_utils.lr_finder.lr_find` for stage ``stage`` (1 = the first) of the current
         schedule on a fresh model (:meth:`fresh_model` — never the panel's own), show its curve, and set
         that stage's learning-rate slider(s) to the suggestion (in differential mode both, ratio kept).
+        Later stages are swept from the panel's model too, not after the earlier stages' training (for that,
+        call ``lr_finder.lr_find`` on a model trained so far, as notebook 03 does).
         Returns the :class:`~course_utils.lr_finder.LRFinderResult`."""
         from .lr_finder import lr_find
 
