@@ -117,11 +117,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Make sure ``path`` can be written (its folder created, a file written there) before any work is done;
-    raise :class:`CheckpointError` naming the folder and the fix otherwise."""
+    """Make sure ``path`` (a checkpoint, a saved run) can be written — its folder created, a file written
+    there — before any work is done; raise :class:`CheckpointError` naming the folder and the fix otherwise."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint path {path} is a folder: give a file name, e.g. {path / 'run.ckpt'}")
+        raise CheckpointError(f"{path} is a folder, not a file name: give one, e.g. {path / 'run.ckpt'}")
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def check_writable(path: str | os.PathLike) -> None:
     except OSError as err:
         raise CheckpointError(f"cannot write {path}: its folder {folder} cannot be created or written "
                               f"({type(err).__name__}: {err}). Choose a folder you can write to. "
-                              f"（提示：检查点 (checkpoint) 的文件夹不可写）") from err
+                              f"（提示：这个文件夹无法创建或写入 (folder not writable)）") from err
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, history: History, schedule: Schedule) -> None:
