@@ -296,10 +296,6 @@ class TensorLoader:
         self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
         self.image_size, self.seed, self.channels_last = image_size, seed, channels_last
         self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(labels) < batch_size:
-            raise ValueError(f"batch_size={batch_size} is more than the {len(labels)} images, and a training loader "
-                             f"drops the last incomplete batch (drop_last): it would give no batch at all. Lower "
-                             f"batch_size (at most {len(labels)}) or pass drop_last=False.")
         mean_t = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self._scale, self._shift = 1 / (255 * std_t), mean_t / std_t
@@ -347,6 +343,9 @@ class TensorLoader:
 def make_loaders(data: CifarData, batch_size: int = 128, *, pretrained: bool = False, image_size: int | None = None,
                  device=None, seed: int = 0, channels_last: bool = False) -> tuple[TensorLoader, TensorLoader]:
     """The course's fast train and validation loaders for ``data``."""
+    if not isinstance(data, CifarData):
+        raise TypeError(f"data must be what load_cifar10() returns (a CifarData), got {type(data).__name__}; "
+                        f"for your own tensors use TensorLoader(images, labels, batch_size, train=True)")
     batch_size = whole_number(batch_size, "batch_size", example="128")
     mean, std = normalization(pretrained)
     common = dict(mean=mean, std=std, image_size=image_size, device=device, channels_last=channels_last)

@@ -284,6 +284,7 @@ class VGGCBAM(nn.Module):
 
     stages = ("block1", "block2", "block3", "block4", "block5")
     high_groups = stages[-2:]  # the schedule's "high": the last two stages
+    min_image_size = 32  # five 2×2 max-pools: 32×32 leaves 1×1 (train.check_batch refuses smaller inputs)
 
     def __init__(self, backbone: tvm.VGG, num_classes: int, placement, identity_init: bool):
         super().__init__()

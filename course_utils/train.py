@@ -7,6 +7,7 @@ atomically (temporary file, fsync, rename), so a run killed at any moment resume
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -272,6 +273,11 @@ def check_batch(model: nn.Module, images, labels, num_classes: int | None = None
              "build the model with num_classes equal to the number of classes in the data "
              "(e.g. models.resnet18_cbam(num_classes=10) for CIFAR-10), or fix the labels",
              f"标签必须在 0..num_classes-1 之间 (num_classes={num_classes})")
+    smallest = getattr(model, "min_image_size", None)
+    if smallest and min(images.shape[-2:]) < smallest:
+        fail(f"images of {images.shape[-2]}×{images.shape[-1]} pixels, but {type(model).__name__} needs at least "
+             f"{smallest}×{smallest} (its max-pools halve the size {smallest.bit_length() - 1} times)",
+             f"use larger images (data.make_loaders(..., image_size={smallest}))", f"图像至少要 {smallest}×{smallest}")
     if not torch.isfinite(images).all():
         fail("images contain NaN or infinite values", "check how the images were made (normalisation by a zero std?)",
              "图像中有 NaN 或无穷大")
@@ -283,11 +289,33 @@ def check_batch(model: nn.Module, images, labels, num_classes: int | None = None
                       f"（提示：图像看起来没有归一化 (not normalised)）", UserWarning, stacklevel=3)
 
 
+def check_fit_arguments(model, schedule, *, label_smoothing: float = 0.0, on_epoch_end=None) -> None:
+    """``fit``'s arguments that torch would only reject mid-epoch (or never), refused before anything changes:
+    the schedule is also resolved against the model (``plan_for``: an unknown group is named)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. models.resnet18_cbam()), got {type(model).__name__}")
+    if not isinstance(schedule, Schedule):
+        hint = ("wrap the stages: finetune.Schedule([...])" if isinstance(schedule, (list, tuple)) else
+                "e.g. finetune.three_stage_schedule() or finetune.Schedule([finetune.Stage(...), ...])")
+        raise TypeError(f"schedule must be a finetune.Schedule, got {type(schedule).__name__}: {hint}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
+        raise ValueError(f"label_smoothing must be a number from 0 to 1 (e.g. 0.1), got {label_smoothing!r}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be a function called with the History after each epoch, "
+                        f"got {type(on_epoch_end).__name__}")
+    schedule.plan_for(model)
+
+
 def checked_batches(model: nn.Module, loader, where: str):
     """An iterator over ``loader`` (iterating it once) whose first batch was checked by :func:`check_batch`."""
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
+        size = getattr(loader, "batch_size", None)
+        if size is not None and getattr(loader, "drop_last", False) and _length(loader) == 0:
+            raise BatchError(f"{where} gave no batches: batch_size={size} is more than its images, and a training "
+                             f"loader drops the last incomplete batch (drop_last). Lower batch_size or pass "
+                             f"drop_last=False. （提示：batch_size 比训练集还大）")
         raise BatchError(f"{where} gave no batches: is the data set smaller than one batch (drop_last)? "
                          f"A generator gives its batches only once: pass a loader or a list to train several "
                          f"epochs. （提示：数据集比一个 batch 还小，或生成器已用完）")
@@ -347,10 +375,16 @@ def _unfreeze_on_exit(fit_fn):
     """However ``fit`` ends — returned, diverged, or interrupted (Kernel → Interrupt) — no group is left
     frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval.
 
-    Refused before any training step (a bad batch, a checkpoint that cannot be used or written), the model
-    is left exactly as it was given: the same ``requires_grad`` and train/eval mode of every module."""
+    Refused before any training step (bad arguments, a bad batch, a checkpoint that cannot be used or
+    written), the model is left exactly as it was given: the same ``requires_grad`` and train/eval mode of
+    every module."""
+    signature = inspect.signature(fit_fn)
+
     @functools.wraps(fit_fn)
     def wrapper(model, *args, **kwargs):
+        bound = signature.bind(model, *args, **kwargs)
+        bound.apply_defaults()
+        check_fit_arguments(**{k: bound.arguments[k] for k in ("model", "schedule", "label_smoothing", "on_epoch_end")})
         requires = [p.requires_grad for p in model.parameters()]
         modes = [m.training for m in model.modules()]
         try:

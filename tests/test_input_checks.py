@@ -291,10 +291,13 @@ def test_loaders_refuse_image_sizes_that_mean_nothing(value):
         stage_table(resnet18_cbam(placement=None), value)
 
 
-def test_training_loader_that_would_give_no_batch_is_refused_when_made():
+def test_training_loader_that_gives_no_batch_is_refused_before_training(small_model):
     images, labels = random_images(8)
-    with pytest.raises(ValueError, match="batch_size=32 is more than the 8 images.*drop_last=False"):
-        cdata.TensorLoader(images, labels, 32, train=True, device="cpu")
+    loader = cdata.TensorLoader(images, labels, 32, train=True, device="cpu")  # made (its val sibling may be used)
+    before = prepare(small_model)
+    with pytest.raises(BatchError, match="batch_size=32 is more than its images.*drop_last=False"):
+        fit(small_model, one_stage_schedule(1), loader, device="cpu", progress=False)
+    assert_untouched(small_model, before)
     assert len(cdata.TensorLoader(images, labels, 32, train=True, drop_last=False, device="cpu")) == 1
     with pytest.raises(ValueError, match="no images"):
         cdata.TensorLoader(images[:0], labels[:0], 8, device="cpu")
@@ -377,3 +380,44 @@ def test_three_stage_schedule_trains_vgg16_high_blocks_in_stage_2():
     assert moved(snapshots[0], snapshots[1]) == {"cbam", "head"}
     assert moved(snapshots[1], snapshots[2]) == {"block4", "block5", "cbam", "head"}
     assert moved(snapshots[2], snapshots[3]) == {"block1", "block2", "block3", "block4", "block5", "cbam", "head"}
+
+
+# ------------------------------------------------------------------------------ other arguments of fit
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(schedule=[finetune.Stage("a", 1, "all", 1e-3)]), TypeError, r"finetune.Schedule\(\[...\]\)"),
+    (dict(schedule="three_stage"), TypeError, "three_stage_schedule"),
+    (dict(model="resnet18"), TypeError, "nn.Module"),
+    (dict(label_smoothing=2), ValueError, "label_smoothing"),
+    (dict(on_epoch_end=5), TypeError, "on_epoch_end"),
+])
+def test_fit_refuses_arguments_torch_would_reject_mid_epoch(kwargs, error, message, small_model):
+    loader = CountingLoader(normalised_batches(1))
+    args = {"model": small_model, "schedule": one_stage_schedule(1), **kwargs}
+    before = prepare(small_model)
+    with pytest.raises(error, match=message):
+        fit(args.pop("model"), args.pop("schedule"), loader, device="cpu", progress=False, **args)
+    assert loader.passes == 0
+    assert_untouched(small_model, before)
+
+
+def test_a_schedule_that_does_not_fit_the_model_leaves_it_untouched(small_model):
+    before = prepare(small_model)
+    with pytest.raises(ValueError, match="unknown layer group 'block4'"):
+        fit(small_model, finetune.Schedule([finetune.Stage("s", 1, ["block4"], 1e-3)]), [good_batch()],
+            device="cpu", progress=False)
+    assert_untouched(small_model, before)
+
+
+@pytest.mark.slow
+def test_vgg16_refuses_images_too_small_for_its_max_pools():
+    torch.manual_seed(0)
+    vgg = vgg16_cbam(placement=None)
+    images, labels = random_images(2, size=16)
+    with pytest.raises(BatchError, match="at least 32×32.*image_size=32"):
+        check_batch(vgg, images.float() / 255, labels)
+
+
+def test_make_loaders_wants_load_cifar10s_data():
+    images, labels = random_images(8)
+    with pytest.raises(TypeError, match="TensorLoader"):
+        cdata.make_loaders((images, labels))
