@@ -418,9 +418,12 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     """Train ``model`` through ``schedule``; returns the :class:`History` (one row per epoch).
 
     ``train_loader``/``val_loader``: any iterables of ``(images, labels)`` batches (a ``set_epoch``
-    method, if present, is called each epoch so shuffling depends only on the epoch).
+    method, if present, is called each epoch so shuffling depends only on the epoch), each iterated
+    exactly once per epoch. Their first batches are checked against the model before anything changes
+    (:func:`check_batch`: a :class:`BatchError`, a ``ValueError``, names what is wrong and the fix).
     ``checkpoint``: a file written atomically after every epoch; ``resume=True`` continues from it
-    (an existing checkpoint is never overwritten without ``resume=True``).
+    (an existing checkpoint is never overwritten without ``resume=True``); its folder is created and
+    probed with a temporary file before the first epoch.
     ``amp``: bf16 autocast (default: :func:`default_amp` — on CUDA, and on CPUs with native bf16 for
     inputs of at least 32×32).
     ``channels_last`` (default: :func:`default_channels_last` — on CUDA, and for ResNets on the CPU). ``compile``: ``torch.compile`` the model.
