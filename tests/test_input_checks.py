@@ -421,3 +421,22 @@ def test_make_loaders_wants_load_cifar10s_data():
     images, labels = random_images(8)
     with pytest.raises(TypeError, match="TensorLoader"):
         cdata.make_loaders((images, labels))
+
+
+@pytest.mark.slow
+def test_the_panel_opens_on_vgg16_and_its_presets_work():
+    from course_utils import widgets
+
+    torch.manual_seed(0)
+    vgg = vgg16_cbam(placement="stage")
+    panel = widgets.schedule_designer(vgg, epochs=(1, 1, 1))
+    assert panel.error == "" and panel.schedule == three_stage_schedule(epochs=(1, 1, 1))
+    assert "block4, block5, cbam, head" in panel.w_table.value
+    assert [t.value for t in panel.w_train[1].values()] == [g in ("block4", "block5", "cbam", "head")
+                                                            for g in panel.groups]
+    for name, make in widgets.PRESETS.items():
+        panel.w_preset.value = name
+        assert panel.error == "", (name, panel.error)
+        assert panel.schedule == make((1, 1, 1)), name
+    groups, new = list(finetune.layer_groups(vgg)), vgg.new_groups
+    assert widgets.schedule_from_values(widgets.DEFAULT_VALUES, groups, new, vgg.high_groups) == three_stage_schedule()
