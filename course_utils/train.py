@@ -308,7 +308,13 @@ def check_fit_arguments(model, schedule, *, label_smoothing: float = 0.0, on_epo
 
 def checked_batches(model: nn.Module, loader, where: str):
     """An iterator over ``loader`` (iterating it once) whose first batch was checked by :func:`check_batch`."""
-    batches = iter(loader)
+    try:
+        batches = iter(loader)
+    except TypeError:
+        hint = " (that is the data itself: make loaders from it, data.make_loaders(data))" \
+            if type(loader).__name__ == "CifarData" else ""
+        raise BatchError(f"{where} must be an iterable of (images, labels) batches, got {type(loader).__name__}"
+                         f"{hint}. （提示：传入 loader，例如 data.make_loaders(data) 的返回值）") from None
     first = next(batches, None)
     if first is None:
         size = getattr(loader, "batch_size", None)

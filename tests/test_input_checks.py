@@ -440,3 +440,12 @@ def test_the_panel_opens_on_vgg16_and_its_presets_work():
         assert panel.schedule == make((1, 1, 1)), name
     groups, new = list(finetune.layer_groups(vgg)), vgg.new_groups
     assert widgets.schedule_from_values(widgets.DEFAULT_VALUES, groups, new, vgg.high_groups) == three_stage_schedule()
+
+
+def test_the_data_instead_of_a_loader_is_refused_with_the_fix(small_model):
+    images, labels = random_images(8)
+    data = cdata.CifarData(images, labels, images, labels, "test", False)
+    before = prepare(small_model)
+    with pytest.raises(BatchError, match=r"train_loader must be an iterable.*data.make_loaders\(data\)"):
+        fit(small_model, one_stage_schedule(1), data, device="cpu", progress=False)
+    assert_untouched(small_model, before)
