@@ -35,6 +35,10 @@ def optional_whole_number(value, name: str, *, minimum: int = 1, example: str = 
 def stage_lengths(epochs, name: str = "epochs", count: int = 3) -> tuple[int, ...]:
     """``count`` stage lengths (positive whole numbers), e.g. ``(5, 15, 30)``."""
     example = "(5, 15, 30)" if count == 3 else "(" + ", ".join(["5"] * count) + ")"
+    message = f"{name} must be {count} stage lengths (positive whole numbers of epochs), e.g. {name}={example}; got {epochs!r}"
     if isinstance(epochs, (str, bytes)) or not isinstance(epochs, Sequence) or len(epochs) != count:
-        raise ValueError(f"{name} must be {count} stage lengths in epochs, e.g. {name}={example}; got {epochs!r}")
-    return tuple(whole_number(e, f"each of {name}", example=example) for e in epochs)
+        raise ValueError(message)
+    try:
+        return tuple(whole_number(e, name) for e in epochs)
+    except ValueError:
+        raise ValueError(message) from None

@@ -248,8 +248,8 @@ def check_batch(model: nn.Module, images, labels, num_classes: int | None = None
     channels = model_in_channels(model)
     if channels is not None and images.shape[1] != channels:
         nhwc = images.shape[-1] == channels
-        fail(f"images of shape {tuple(images.shape)}: {images.shape[1]} channels, but the model's first "
-             f"convolution expects {channels}",
+        fail(f"images of shape {tuple(images.shape)}: {images.shape[1]} channel{'s' * (images.shape[1] != 1)}, but "
+             f"the model's first convolution expects {channels}",
              "images.permute(0, 3, 1, 2) turns (N, H, W, C) into (N, C, H, W)" if nhwc else
              f"give the model {channels}-channel images (grey images: images.expand(-1, {channels}, -1, -1))",
              f"通道数 (channels) 应为 {channels}，形状为 (N, C, H, W)")

@@ -99,7 +99,7 @@ def bad_batches():
     return {
         "uint8 images": ((u8, labels), ["torch.uint8", "TensorLoader.normalize", "ToTensor", "提示"]),
         "channels last": ((images.permute(0, 2, 3, 1).contiguous(), labels), ["3", "permute(0, 3, 1, 2)"]),
-        "one channel": ((images[:, :1], labels), ["1 channels", "expects 3"]),
+        "one channel": ((images[:, :1], labels), ["1 channel,", "expects 3"]),
         "labels too large": ((images, labels + 5), ["num_classes=10", "0..9"]),
         "negative labels": ((images, labels - 1), ["-1", "num_classes=10"]),
         "length mismatch": ((images, labels[:4]), ["8 images but 4 labels"]),
