@@ -58,8 +58,10 @@ class Stage:
         object.__setattr__(self, "trainable", trainable)
         if isinstance(self.lr, Mapping):
             object.__setattr__(self, "lr", dict(self.lr))
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs <= 0:
-            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}")
+        try:  # numpy integers (papermill, np.arange) are whole numbers too
+            object.__setattr__(self, "epochs", whole_number(self.epochs, "epochs"))
+        except ValueError:
+            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}") from None
         if not trainable:
             raise ValueError(f"stage {self.name!r} trains no group: name at least one in trainable "
                              f"(a group such as 'head', or 'new' / 'pretrained' / 'all')")

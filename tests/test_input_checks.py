@@ -344,6 +344,8 @@ def test_numpy_integers_are_accepted_as_sizes():
     loader = cdata.TensorLoader(images, labels, np.int64(8), device="cpu")
     assert len(loader) == 2
     assert three_stage_schedule(epochs=(np.int64(1), 2, 3)).epochs == 6
+    stage = finetune.Stage("s", np.int64(3), "all", 1e-3)
+    assert stage.epochs == 3 and type(stage.epochs) is int  # JSON-able in checkpoints and saved runs
 
 
 # ------------------------------------------------------------------------------ the "high" alias
