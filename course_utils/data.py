@@ -2,8 +2,11 @@
 
 Where the images come from, in this order (``load_cifar10`` always prints which one it used):
 
-1. a copy already downloaded into ``data/cifar-10-batches-py`` (torchvision's layout);
-2. torchvision's ``CIFAR10(root="data", download=True)`` — needs the network;
+1. a copy already downloaded into ``data/cifar-10-batches-py`` (torchvision's layout), or torchvision's
+   archive ``data/cifar-10-python.tar.gz`` (checked by torchvision's md5, then extracted);
+2. a mirror, when one is named (``load_cifar10(mirror=...)`` or ``$COURSE_CIFAR10_MIRROR``: a base URL or a
+   folder holding ``cifar-10-python.tar.gz``), else torchvision's ``CIFAR10(root="data", download=True)`` —
+   the archive is checked by torchvision's md5 before use, a wrong or truncated one is refused by name;
 3. the small real subset shipped with the course, ``data/cifar10_subset.tar.gz``
    (5,000 training and 1,000 held-out images; see ``data/README.md``) — loudly, since accuracies
    on it are far below what the full 50,000 images give.
@@ -20,6 +23,7 @@ import os
 import socket
 import tarfile
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import optional_whole_number, whole_number
+from .downloads import DownloadError, fetch, file_digest, mirror_url
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATA_DIR = Path(os.environ.get("COURSE_DATA", Path(__file__).resolve().parents[1] / "data"))
 SHIPPED_SUBSET = "cifar10_subset.tar.gz"
 DOWNLOAD_TIMEOUT_S = 10
+CIFAR10_MIRROR_ENV = "COURSE_CIFAR10_MIRROR"  # a base URL or a folder holding cifar-10-python.tar.gz
 
 
 class DataUnavailableError(RuntimeError):
@@ -107,13 +115,51 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int = 0) -> to
     return order[torch.argsort(rank * n + torch.arange(n))[:size]]
 
 
+def _cifar10_archive(root: Path, mirror, notes: list[str]) -> bool:
+    """Make sure ``root/cifar-10-python.tar.gz`` is torchvision's archive (md5), fetching it from ``mirror``
+    when given; True when a verified archive is there. A wrong or truncated one is named in ``notes``."""
+    from torchvision.datasets import CIFAR10
+
+    archive = root / CIFAR10.filename
+    if archive.is_file():
+        digest = file_digest(archive, "md5")
+        if digest == CIFAR10.tgz_md5:
+            return True
+        notes.append(f"{archive} is not torchvision's CIFAR-10 archive ({archive.stat().st_size:,} bytes, md5 "
+                     f"{digest} instead of {CIFAR10.tgz_md5}): an interrupted download? It was not used; delete it")
+        return False
+    if mirror:
+        url = mirror_url(mirror, CIFAR10.filename)
+        try:
+            fetch(url, archive, md5=CIFAR10.tgz_md5)
+            return True
+        except DownloadError as err:
+            notes.append(f"the mirror failed: {err}")
+    return False
+
+
 def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = None, val_size: int | None = None,
-                 seed: int = 0, download: bool = True, verbose: bool = True) -> CifarData:
-    """CIFAR-10 from the best source at hand (see the module doc), optionally a balanced random subset."""
+                 seed: int = 0, download: bool = True, verbose: bool = True, mirror: str | os.PathLike | None = None
+                 ) -> CifarData:
+    """CIFAR-10 from the best source at hand (see the module doc), optionally a balanced random subset.
+
+    ``train_size`` / ``val_size``: how many images of each split (class-balanced), None for all; more than
+    the source holds gives all it holds, with a warning. ``mirror``: a base URL or folder holding
+    ``cifar-10-python.tar.gz`` (default ``$COURSE_CIFAR10_MIRROR``).
+    """
+    train_size = optional_whole_number(train_size, "train_size", example="5000", none_means="all training images")
+    val_size = optional_whole_number(val_size, "val_size", example="1000", none_means="all validation images")
+    seed = whole_number(seed, "seed", minimum=0, example="0")
+    mirror = mirror if mirror is not None else os.environ.get(CIFAR10_MIRROR_ENV) or None
     root = Path(root)
     notes = []
     source = None
-    if (root / "cifar-10-batches-py").is_dir():
+    if not (root / "cifar-10-batches-py").is_dir() and _cifar10_archive(root, mirror, notes):
+        try:  # a verified archive: torchvision extracts it without downloading
+            (train, val), source = _from_torchvision(root, download=True), f"archive {root / 'cifar-10-python.tar.gz'}"
+        except (OSError, RuntimeError, tarfile.TarError) as err:
+            notes.append(f"extracting {root / 'cifar-10-python.tar.gz'} failed ({err})")
+    if source is None and (root / "cifar-10-batches-py").is_dir():
         try:
             (train, val), source = _from_torchvision(root, download=False), f"local copy {root / 'cifar-10-batches-py'}"
         except RuntimeError as err:
@@ -122,7 +168,7 @@ def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = No
     offline = os.environ.get("COURSE_OFFLINE", "") in ("1", "true")
     if source is None and (offline or not download):
         notes.append("no download attempted (" + ("COURSE_OFFLINE is set" if offline else "download=False") + ")")
-    if source is None and download and not offline:
+    if source is None and download and not offline and not mirror and not (root / "cifar-10-python.tar.gz").exists():
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
@@ -138,7 +184,8 @@ def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = No
             raise DataUnavailableError(
                 "no CIFAR-10 to be had: " + "; ".join(notes + [f"and the shipped subset {shipped} is missing"])
                 + f". Put torchvision's cifar-10-python.tar.gz into {root} (or its extracted "
-                  f"cifar-10-batches-py folder), or restore {SHIPPED_SUBSET} from the repository.")
+                  f"cifar-10-batches-py folder), name a folder or URL holding it in ${CIFAR10_MIRROR_ENV}, "
+                  f"or restore {SHIPPED_SUBSET} from the repository.")
         splits = read_image_tar(shipped)
         if "train" not in splits or "val" not in splits:
             raise DataUnavailableError(f"{shipped} lacks its train/ or val/ images (found {sorted(splits)}): it is "
@@ -146,6 +193,10 @@ def load_cifar10(root: str | os.PathLike = DATA_DIR, train_size: int | None = No
                                        f"in data/.")
         train, val = splits["train"], splits["val"]
         source = f"shipped subset {shipped}"
+    for name, size, split in (("train_size", train_size, train), ("val_size", val_size, val)):
+        if size is not None and size > len(split[1]):
+            warnings.warn(f"{name}={size} but {source} holds only {len(split[1])} images of that split: "
+                          f"using all {len(split[1])}", UserWarning, stacklevel=2)
     train_idx = balanced_subset(train[1], train_size, seed)
     val_idx = balanced_subset(val[1], val_size, seed + 1).sort().values
     data = CifarData(train[0][train_idx], train[1][train_idx], val[0][val_idx], val[1][val_idx], source, full)
@@ -224,10 +275,21 @@ class TensorLoader:
                  mean=CIFAR_MEAN, std=CIFAR_STD, pad: int = 4, flip: bool = True, image_size: int | None = None,
                  device: str | torch.device | None = None, seed: int = 0, drop_last: bool | None = None,
                  channels_last: bool = False):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor (as load_cifar10 gives them), got {got}")
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {got}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise ValueError("no images: a TensorLoader needs at least one image")
+        batch_size = whole_number(batch_size, "batch_size", example="128")
+        image_size = optional_whole_number(image_size, "image_size", example="224", none_means="keep the size")
+        pad = whole_number(pad, "pad", minimum=0, example="4")
+        seed = whole_number(seed, "seed", minimum=0, example="0")
+        labels = labels.long()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -281,6 +343,10 @@ class TensorLoader:
 def make_loaders(data: CifarData, batch_size: int = 128, *, pretrained: bool = False, image_size: int | None = None,
                  device=None, seed: int = 0, channels_last: bool = False) -> tuple[TensorLoader, TensorLoader]:
     """The course's fast train and validation loaders for ``data``."""
+    if not isinstance(data, CifarData):
+        raise TypeError(f"data must be what load_cifar10() returns (a CifarData), got {type(data).__name__}; "
+                        f"for your own tensors use TensorLoader(images, labels, batch_size, train=True)")
+    batch_size = whole_number(batch_size, "batch_size", example="128")
     mean, std = normalization(pretrained)
     common = dict(mean=mean, std=std, image_size=image_size, device=device, channels_last=channels_last)
     return (TensorLoader(data.train_images, data.train_labels, batch_size, train=True, seed=seed, **common),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .finetune import Schedule
 from .models import layer_groups
-from .presets import preset_name, resolve
-from .train import History, fit, seed_everything
+from .presets import check_sizes, preset_name, resolve
+from .train import History, check_writable, fit, seed_everything
 
 RESULTS_ROOT = Path(os.environ.get("COURSE_RESULTS", Path(__file__).resolve().parents[1] / "results"))
 
@@ -40,7 +40,7 @@ def resolve_config(preset: str | None, table: Mapping[str, Mapping] | None = Non
     cfg.update(values)  # unlike resolve(**values), a notebook's explicit None (e.g. all images) is kept
     if isinstance(cfg.get("epochs"), list):
         cfg["epochs"] = tuple(cfg["epochs"])
-    return cfg
+    return check_sizes(cfg)
 
 
 def results_dir(preset: str, root: str | os.PathLike | None = None) -> Path:
@@ -89,6 +89,7 @@ def run_cached(name: str, build_model: Callable[[], object], schedule: Schedule,
         history = History.load(path)
         print(f"{name}: loaded {_shown(path)} (trained earlier; delete it or pass retrain=True to train again)")
         return history
+    check_writable(path)  # before training, not after it
     seed_everything(int(config.get("seed", 0)))
     model = build_model()
     trainable = trainable_per_epoch(model, schedule)

@@ -6,9 +6,10 @@ Read one line per stage, fastai-style::
               Stage("+layer3/4", 15, ["new", "layer3", "layer4"], 1e-4),
               Stage("all", 30, "all", 1e-5)])
 
-Group names are those of :func:`course_utils.models.layer_groups` plus three aliases resolved against
+Group names are those of :func:`course_utils.models.layer_groups` plus four aliases resolved against
 a model: ``"new"`` (the groups that start random: head, CBAM, and a new stem), ``"pretrained"`` (the
-rest) and ``"all"``. ``lr`` is one float for every trainable group, or a ``{group or alias: lr}`` dict
+rest), ``"high"`` (the model's last two stages, ``model.high_groups``: ResNet18's layer3 and layer4,
+VGG16's block4 and block5 — so one schedule fits both) and ``"all"``. ``lr`` is one float for every trainable group, or a ``{group or alias: lr}`` dict
 where a group's own entry beats an alias. All parameters are in the optimizer from the start; a frozen
 group simply has learning rate 0, no gradients and its BatchNorm layers in eval mode.
 """
@@ -21,9 +22,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .checks import stage_lengths, whole_number
 from .models import group_modules, group_names, layer_groups
 
-ALIASES = ("new", "pretrained", "all")
+ALIASES = ("new", "pretrained", "high", "all")
+HIGH_STAGES = 2  # "high": the last two stages of a model (its high-level, most task-specific features)
+
+
+def default_high_groups(groups: Sequence[str], new_groups: Collection[str]) -> tuple[str, ...]:
+    """``"high"`` for a list of group names without a model: the last two groups that are stages
+    (neither new, nor ``cbam`` / ``head``)."""
+    stages = [g for g in groups if g not in new_groups and g not in ("cbam", "head")]
+    return tuple(stages[-HIGH_STAGES:])
+
+
+def high_groups_of(model: nn.Module) -> tuple[str, ...]:
+    """``"high"`` for ``model``: its ``high_groups`` (the course's models), else its last two ``stages``."""
+    high = getattr(model, "high_groups", None)
+    if high is None and getattr(model, "stages", None):
+        high = tuple(model.stages)[-HIGH_STAGES:]
+    return tuple(high) if high is not None else default_high_groups(list(layer_groups(model)), model.new_groups)
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,10 @@ class Stage:
         object.__setattr__(self, "trainable", trainable)
         if isinstance(self.lr, Mapping):
             object.__setattr__(self, "lr", dict(self.lr))
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs <= 0:
-            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}")
+        try:  # numpy integers (papermill, np.arange) are whole numbers too
+            object.__setattr__(self, "epochs", whole_number(self.epochs, "epochs"))
+        except ValueError:
+            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}") from None
         if not trainable:
             raise ValueError(f"stage {self.name!r} trains no group: name at least one in trainable "
                              f"(a group such as 'head', or 'new' / 'pretrained' / 'all')")
@@ -95,31 +115,37 @@ class Schedule:
 
     # -- resolution against a model's groups
     @staticmethod
-    def _expand(name: str, groups: Sequence[str], new: Collection[str], where: str) -> list[str]:
+    def _expand(name: str, groups: Sequence[str], new: Collection[str], where: str,
+                high: Collection[str] | None = None) -> list[str]:
         if name == "all":
             return list(groups)
         if name == "new":
             return [g for g in groups if g in new]
         if name == "pretrained":
             return [g for g in groups if g not in new]
+        if name == "high":
+            high = default_high_groups(groups, new) if high is None else high
+            return [g for g in groups if g in high]
         if name in groups:
             return [name]
         raise ValueError(f"{where}: unknown layer group {name!r}; this model's groups are "
                          f"{', '.join(groups)} (or the aliases {', '.join(ALIASES)})")
 
-    def resolve(self, stage: Stage, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")):
-        """``(trainable groups, {group: lr})`` of one stage, for a model with ``groups``."""
+    def resolve(self, stage: Stage, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
+                high_groups: Collection[str] | None = None):
+        """``(trainable groups, {group: lr})`` of one stage, for a model with ``groups``
+        (``high_groups``: what ``"high"`` means; default :func:`default_high_groups`)."""
         where = f"stage {stage.name!r}"
-        trainable = [g for name in stage.trainable for g in self._expand(name, groups, new_groups, where)]
+        trainable = [g for name in stage.trainable for g in self._expand(name, groups, new_groups, where, high_groups)]
         trainable = [g for g in groups if g in trainable]
         if not trainable:
             raise ValueError(f"{where} trains no group of this model (trainable={list(stage.trainable)}, "
                              f"groups={list(groups)})")
         if isinstance(stage.lr, dict):
             lr: dict[str, float] = {}
-            precedence = {"all": 0, "new": 1, "pretrained": 1}  # a group's own entry beats an alias
+            precedence = {"all": 0, "new": 1, "pretrained": 1, "high": 1}  # a group's own entry beats an alias
             for key, value in sorted(stage.lr.items(), key=lambda kv: precedence.get(kv[0], 2)):
-                for g in self._expand(key, groups, new_groups, f"{where} lr"):
+                for g in self._expand(key, groups, new_groups, f"{where} lr", high_groups):
                     lr[g] = float(value)
             missing = [g for g in trainable if g not in lr]
             if missing:
@@ -129,23 +155,24 @@ class Schedule:
             lr = {g: float(stage.lr) for g in trainable}
         return trainable, {g: (lr[g] if g in trainable else 0.0) for g in groups}
 
-    def plan(self, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")) -> list[EpochPlan]:
+    def plan(self, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
+             high_groups: Collection[str] | None = None) -> list[EpochPlan]:
         """One :class:`EpochPlan` per epoch; raises ``ValueError`` for any stage that does not fit the groups."""
         plans, epoch = [], 1
         for stage in self.stages:
-            trainable, lr = self.resolve(stage, list(groups), new_groups)
+            trainable, lr = self.resolve(stage, list(groups), new_groups, high_groups)
             for _ in range(stage.epochs):
                 plans.append(EpochPlan(epoch, stage.name, frozenset(trainable), lr))
                 epoch += 1
         return plans
 
     def plan_for(self, model: nn.Module) -> list[EpochPlan]:
-        return self.plan(list(layer_groups(model)), getattr(model, "new_groups", ("cbam", "head")))
+        return self.plan(list(layer_groups(model)), getattr(model, "new_groups", ("cbam", "head")), high_groups_of(model))
 
-    def table(self, model: nn.Module | None = None, groups=None, new_groups=("cbam", "head")) -> list[dict]:
+    def table(self, model: nn.Module | None = None, groups=None, new_groups=("cbam", "head"), high_groups=None) -> list[dict]:
         """One row per stage: epochs, trainable groups and learning rates (resolved if a model is given)."""
         if model is not None:
-            groups, new_groups = list(layer_groups(model)), model.new_groups
+            groups, new_groups, high_groups = list(layer_groups(model)), model.new_groups, high_groups_of(model)
         rows = []
         for stage, (_, first, last) in zip(self.stages, self.boundaries()):
             row = {"stage": stage.name, "epochs": f"{first}-{last}"}
@@ -154,7 +181,7 @@ class Schedule:
                 row["lr"] = (", ".join(f"{k}={v:g}" for k, v in stage.lr.items()) if isinstance(stage.lr, dict)
                              else f"{stage.lr:g}")
             else:
-                trainable, lr = self.resolve(stage, groups, new_groups)
+                trainable, lr = self.resolve(stage, groups, new_groups, high_groups)
                 row["trainable"] = ", ".join(trainable)
                 row["lr"] = ", ".join(f"{g}={lr[g]:g}" for g in trainable)
             rows.append(row)
@@ -176,13 +203,18 @@ class Schedule:
 
 def three_stage_schedule(differential: bool = False, epochs: Sequence[int] = (5, 15, 30),
                          lrs: Sequence[float] = (1e-3, 1e-4, 1e-5), ratio: float = 10.0) -> Schedule:
-    """The course's schedule: new modules (head+CBAM) → + layer3/layer4 → everything.
+    """The course's schedule: new modules (head+CBAM) → + the high stages (``"high"``: ResNet18's layer3
+    and layer4, VGG16's block4 and block5) → everything.
 
     ``differential=True`` keeps new modules ``ratio``× faster than pretrained ones in every stage
     (stage 1 trains only new modules at ``lrs[0]``; then new at ``lrs[i-1]``, pretrained at ``lrs[i]``).
     """
-    e1, e2, e3 = epochs
+    e1, e2, e3 = stage_lengths(epochs)
+    if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence) or len(lrs) != 3:
+        raise ValueError(f"lrs must be three learning rates, one per stage, e.g. lrs=(1e-3, 1e-4, 1e-5); got {lrs!r}")
     lr1, lr2, lr3 = lrs
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        raise ValueError(f"ratio (how many times faster new modules learn) must be a positive number, got {ratio!r}")
     if differential:
         lr_2 = {"new": lr2 * ratio, "pretrained": lr2}
         lr_3 = {"new": lr3 * ratio, "pretrained": lr3}
@@ -190,14 +222,14 @@ def three_stage_schedule(differential: bool = False, epochs: Sequence[int] = (5,
         lr_2, lr_3 = lr2, lr3
     return Schedule([
         Stage("1 head+cbam", e1, ["new"], lr1),
-        Stage("2 +layer3-4", e2, ["new", "layer3", "layer4"], lr_2),
+        Stage("2 +high", e2, ["new", "high"], lr_2),
         Stage("3 all", e3, "all", lr_3),
     ])
 
 
 def one_stage_schedule(epochs: int = 10, lr: float | Mapping[str, float] = 1e-4) -> Schedule:
     """Plain fine-tuning: everything trainable from the start at one learning rate (or a dict)."""
-    return Schedule([Stage("all", epochs, "all", lr)])
+    return Schedule([Stage("all", whole_number(epochs, "epochs", example="10"), "all", lr)])
 
 
 # ------------------------------------------------------------------------------- optimizer

@@ -11,20 +11,22 @@ torchvision's own API) and expose the same things to the rest of the course:
 from __future__ import annotations
 
 import os
-import socket
-import urllib.error
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models._api import WeightsEnum
 from torchvision.models.resnet import BasicBlock
 
 from .cbam import CBAM
+from .checks import whole_number
+from .downloads import DownloadError, fetch, file_digest, mirror_url, sha256_prefix_in_name
 
 PLACEMENTS = ("stage", "block", "high", None)
-DOWNLOAD_TIMEOUT_S = 10
+WEIGHTS_ENUMS = {"resnet18": tvm.ResNet18_Weights, "vgg16": tvm.VGG16_Weights}
+WEIGHTS_MIRROR_ENV = "COURSE_WEIGHTS_MIRROR"  # a base URL or a folder holding e.g. resnet18-f37072fd.pth
 
 
 class WeightsError(RuntimeError):
@@ -38,8 +40,42 @@ def _torch_hub_file(weights_enum) -> Path:
     return Path(get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)
 
 
+def weights_cache_path(arch: str, weights="imagenet") -> Path:
+    """Where torchvision keeps ``arch``'s (``"resnet18"`` / ``"vgg16"``) pretrained weights and the course
+    looks for them: ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` (by default under ``~/.cache/torch``)."""
+    if arch not in WEIGHTS_ENUMS:
+        raise ValueError(f"arch must be one of {', '.join(WEIGHTS_ENUMS)}, got {arch!r}")
+    enum = _weights_enum(arch, weights)
+    if enum is None:
+        raise ValueError(f"weights={weights!r} is not one of torchvision's weights for {arch}")
+    return _torch_hub_file(enum)
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files whose hash was checked
+
+
+def verify_weights_file(path: str | os.PathLike, fix: str = "Delete it and download it again") -> None:
+    """If the file's name carries torchvision's sha256 prefix (``resnet18-f37072fd.pth``), check the file
+    against it: a partial (interrupted) or wrong file raises :class:`WeightsError` naming it and the fix."""
+    path = Path(path)
+    prefix = sha256_prefix_in_name(path)
+    if prefix is None:
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    digest = file_digest(path)
+    if not digest.startswith(prefix):
+        raise WeightsError(f"weights file {path} is incomplete or damaged ({stat.st_size:,} bytes; its sha256 starts "
+                           f"with {digest[:len(prefix)]}, its name says {prefix}) — an interrupted download? It is not "
+                           f"loaded. {fix}. （提示：权重文件不完整，请删除后重新下载）")
+    _VERIFIED.add(key)
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` with errors that name the file and the fix."""
+    verify_weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -60,34 +96,73 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _accepted(arch: str) -> str:
+    enum = WEIGHTS_ENUMS[arch]
+    return (f"None (random), 'imagenet', 'DEFAULT', a {enum.__name__} name ({', '.join(enum.__members__)}) or "
+            f"enum (e.g. torchvision.models.{enum.__name__}.DEFAULT), or a path to a state_dict file")
+
+
+def _weights_enum(arch: str, weights) -> WeightsEnum | None:
+    """The torchvision weights ``weights`` names for ``arch``, or None when it is not such a name (a path)."""
+    enum = WEIGHTS_ENUMS[arch]
+    if isinstance(weights, WeightsEnum):
+        if not isinstance(weights, enum):
+            raise ValueError(f"weights={weights} are {type(weights).__name__.split('_')[0]}'s weights, not {arch}'s: "
+                             f"pass {enum.__name__} (e.g. {enum.__name__}.DEFAULT), or one of {_accepted(arch)}")
+        return weights
+    if not isinstance(weights, str):
+        return None
+    name = weights.strip()
+    if name.lower() == "imagenet":
+        return enum.IMAGENET1K_V1
+    owner, _, member = name.rpartition(".")
+    if owner and owner in {e.__name__ for e in WEIGHTS_ENUMS.values()} | {f"torchvision.models.{e.__name__}"
+                                                                          for e in WEIGHTS_ENUMS.values()}:
+        if owner.rsplit(".", 1)[-1] != enum.__name__:
+            raise ValueError(f"weights={weights!r} are {owner.rsplit('.', 1)[-1].split('_')[0]}'s weights, not "
+                             f"{arch}'s: pass one of {_accepted(arch)}")
+        name = member
+    if name.upper() == "DEFAULT":
+        return enum.DEFAULT
+    if name.upper() in enum.__members__:
+        return enum[name.upper()]
+    if owner == enum.__name__:
+        raise ValueError(f"{enum.__name__} has no {member!r}: pass one of {_accepted(arch)}")
+    return None
+
+
 def _pretrained_state(arch: str, weights) -> dict[str, torch.Tensor] | None:
-    """The backbone's state_dict: None (random), ``"imagenet"`` (torchvision's cache/download) or a path."""
+    """The backbone's state_dict for ``weights``: None (random), torchvision's weights by name or enum
+    (``"imagenet"``, ``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``ResNet18_Weights.IMAGENET1K_V1``: torchvision's
+    cache, else the mirror ``$COURSE_WEIGHTS_MIRROR``, else torchvision's server) or a path."""
     if weights is None:
         return None
-    if isinstance(weights, (str, os.PathLike)) and str(weights).lower() != "imagenet":
+    enum = _weights_enum(arch, weights)
+    if enum is None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise ValueError(f"weights must be {_accepted(arch)}; got {weights!r}")
         path = Path(weights)
         if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist")
+            raise WeightsError(f"weights file {path} does not exist (weights= takes {_accepted(arch)})")
         return _read_state_dict(path)
-    if str(weights).lower() != "imagenet":
-        raise ValueError(f"weights must be None, 'imagenet' or a path to a state_dict file, got {weights!r}")
-    enum = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1, "vgg16": tvm.VGG16_Weights.IMAGENET1K_V1}[arch]
     cached = _torch_hub_file(enum)
     if cached.is_file():
         print(f"ImageNet weights for {arch}: {cached} (torchvision cache)")
+        verify_weights_file(cached, fix="Delete it (it is downloaded again on the next run) or copy a complete "
+                                        f"{cached.name} there")
         return _read_state_dict(cached)
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
+    url = mirror_url(mirror, cached.name) if mirror else enum.url
+    print(f"Downloading {url} to {cached}" + (f" (mirror ${WEIGHTS_MIRROR_ENV})" if mirror else ""))
     try:
-        return enum.get_state_dict(progress=True)  # downloads into the cache above
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        fetch(url, cached, sha256_prefix=sha256_prefix_in_name(cached))
+    except DownloadError as err:
         raise WeightsError(
-            f"ImageNet weights for {arch} could not be downloaded ({err}). Offline? Put the file "
-            f"{os.path.basename(enum.url)} (from {enum.url}) at {cached} — torchvision's cache, "
-            f"set by $TORCH_HOME — or pass weights=None to start from random weights."
+            f"ImageNet weights for {arch} could not be had: {err}. Offline? Put the file {cached.name} "
+            f"(from {enum.url}) at {cached} — torchvision's cache, set by $TORCH_HOME —, or name a folder or URL "
+            f"holding it in ${WEIGHTS_MIRROR_ENV}, or pass weights=None to start from random weights."
         ) from err
-    finally:
-        socket.setdefaulttimeout(old_timeout)
+    return _read_state_dict(cached)
 
 
 def _load_backbone(backbone: nn.Module, state: dict[str, torch.Tensor] | None, arch: str, head_prefix: str):
@@ -133,6 +208,7 @@ class ResNetCBAM(nn.Module):
     """stem → layer1..layer4 (each optionally followed by CBAM) → global pool → fc."""
 
     stages = ("stem", "layer1", "layer2", "layer3", "layer4")
+    high_groups = stages[-2:]  # the schedule's "high": the last two stages
 
     def __init__(self, backbone: tvm.ResNet, num_classes: int, placement, stem: str, identity_init: bool):
         super().__init__()
@@ -179,6 +255,10 @@ class ResNetCBAM(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def _check_num_classes(num_classes) -> int:
+    return whole_number(num_classes, "num_classes", minimum=2, example="10 (CIFAR-10)")
+
+
 def resnet18_cbam(num_classes: int = 10, weights=None, placement="stage", stem: str = "imagenet",
                   identity_init: bool = False) -> ResNetCBAM:
     """ResNet18 (optionally ImageNet-pretrained) with CBAM and a new ``num_classes`` head.
@@ -188,6 +268,7 @@ def resnet18_cbam(num_classes: int = 10, weights=None, placement="stage", stem: 
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    num_classes = _check_num_classes(num_classes)
     backbone = tvm.resnet18(weights=None)
     _load_backbone(backbone, _pretrained_state("resnet18", weights), "resnet18", head_prefix="fc.")
     return ResNetCBAM(backbone, num_classes, placement, stem, identity_init)
@@ -202,6 +283,8 @@ class VGGCBAM(nn.Module):
     """block1..block5 (conv+ReLU, then CBAM, then max-pool) → global pool → new head."""
 
     stages = ("block1", "block2", "block3", "block4", "block5")
+    high_groups = stages[-2:]  # the schedule's "high": the last two stages
+    min_image_size = 32  # five 2×2 max-pools: 32×32 leaves 1×1 (train.check_batch refuses smaller inputs)
 
     def __init__(self, backbone: tvm.VGG, num_classes: int, placement, identity_init: bool):
         super().__init__()
@@ -236,6 +319,7 @@ def vgg16_cbam(num_classes: int = 10, weights=None, placement="stage", identity_
     """VGG16 (optionally ImageNet-pretrained) with a CBAM after each conv block (before its max-pool)."""
     if placement not in ("stage", "high", None):
         raise ValueError(f"placement for VGG16 must be 'stage', 'high' or None, got {placement!r}")
+    num_classes = _check_num_classes(num_classes)
     backbone = tvm.vgg16(weights=None)
     _load_backbone(backbone, _pretrained_state("vgg16", weights), "vgg16", head_prefix="classifier.")
     return VGGCBAM(backbone, num_classes, placement, identity_init)
@@ -285,6 +369,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def stage_table(model: nn.Module, image_size: int = 32) -> list[dict]:
     """One row per stage: output shape (C, H, W) and parameters, for a ``image_size``² input."""
+    image_size = whole_number(image_size, "image_size", example="32")
     was_training = model.training
     model.eval()
     params = count_parameters(model)

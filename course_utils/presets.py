@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .checks import optional_whole_number, stage_lengths, whole_number
+
 PRESETS: dict[str, dict] = {
     "smoke": {"train_size": 500, "val_size": 200, "epochs": (1, 1, 1), "batch_size": 64},
     "quick": {"train_size": 5000, "val_size": 1000, "epochs": (2, 3, 3), "batch_size": 128},
@@ -35,6 +37,20 @@ def resolve(preset: str | None = None, **overrides) -> dict:
     name = preset_name(preset)
     values = dict(PRESETS[name], preset=name)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    return check_sizes(values)
+
+
+def check_sizes(values: dict) -> dict:
+    """Refuse sizes that cannot mean anything (``ValueError`` naming the parameter) where a notebook sets them:
+    ``train_size`` / ``val_size`` (None = all), ``batch_size``, ``epochs`` (three stage lengths)."""
+    for key in ("train_size", "val_size"):
+        if key in values:
+            optional_whole_number(values[key], key, example="5000" if key == "train_size" else "1000",
+                                  none_means="all images")
+    if "batch_size" in values:
+        whole_number(values["batch_size"], "batch_size", example="128")
+    if isinstance(values.get("epochs"), (list, tuple)) and len(values["epochs"]) == 3:
+        stage_lengths(values["epochs"])
     return values
 
 

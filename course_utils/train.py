@@ -7,11 +7,15 @@ atomically (temporary file, fsync, rename), so a run killed at any moment resume
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import json
 import math
 import os
 import random
+import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,6 +34,10 @@ class TrainingDiverged(FloatingPointError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (corrupted, of another model or schedule, or would be overwritten)."""
+
+
+class BatchError(ValueError):
+    """A batch does not fit the model (found by :func:`check_batch` before any training step)."""
 
 
 class History:
@@ -109,6 +117,23 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Make sure ``path`` (a checkpoint, a saved run) can be written — its folder created, a file written
+    there — before any work is done; raise :class:`CheckpointError` naming the folder and the fix otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a file name: give one, e.g. {path / 'run.ckpt'}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: its folder {folder} cannot be created or written "
+                              f"({type(err).__name__}: {err}). Choose a folder you can write to. "
+                              f"（提示：这个文件夹无法创建或写入 (folder not writable)）") from err
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, history: History, schedule: Schedule) -> None:
     """Model, optimizer, history, schedule and RNG states, written atomically (readable with weights_only=True)."""
     state = {
@@ -182,14 +207,147 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
+# ------------------------------------------------------------------------------ input checks
+UNNORMALISED_MAX = 20.0  # normalised CIFAR/ImageNet pixels lie within about ±3; 0–255 floats go far above
+
+
+def model_in_channels(model: nn.Module) -> int | None:
+    """The number of channels the model's first convolution takes (None without a convolution)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    """The number of classes of the model's head: its last ``nn.Linear``'s outputs (None without one)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linear[-1].out_features if linear else None
+
+
+def check_batch(model: nn.Module, images, labels, num_classes: int | None = None, where: str = "the batch") -> None:
+    """Raise :class:`BatchError` (a ``ValueError``) naming what a batch holds, what ``model`` expects and the
+    fix; warn when the images look like unnormalised 0–255 pixel values. ``num_classes`` defaults to the
+    model's head. ``fit`` and ``evaluate`` call it on each loader's first batch, before anything changes."""
+    def fail(problem: str, fix: str, hint: str):
+        raise BatchError(f"{where}: {problem}. Fix: {fix}. （提示：{hint}）")
+
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        fail(f"a batch must be (images, labels) tensors, got ({type(images).__name__}, {type(labels).__name__})",
+             "give fit/evaluate a loader of (images, labels) tensor pairs, e.g. data.make_loaders(...) or a "
+             "torch.utils.data.DataLoader over a dataset with transforms.ToTensor()",
+             "每个 batch 应该是 (images, labels) 两个张量 (tensor)")
+    if images.ndim != 4:
+        fail(f"images of shape {tuple(images.shape)}, but the model expects a 4-D batch (N, C, H, W)",
+             "batch the images (a single image: images.unsqueeze(0))", "图像张量的形状应为 (N, C, H, W)")
+    if not images.is_floating_point():
+        raw = " (raw pixel values 0–255)" if images.dtype == torch.uint8 else ""
+        fail(f"images of dtype {images.dtype}{raw}, but the model expects normalised floating-point images "
+             f"(torch.float32)",
+             "convert and normalise them: data.TensorLoader / data.make_loaders do it for you "
+             "(TensorLoader.normalize), or use transforms.ToTensor() followed by transforms.Normalize(mean, std)",
+             "图像必须是归一化后的浮点张量 (float)：用 TensorLoader.normalize 或 transforms.ToTensor()")
+    channels = model_in_channels(model)
+    if channels is not None and images.shape[1] != channels:
+        nhwc = images.shape[-1] == channels
+        fail(f"images of shape {tuple(images.shape)}: {images.shape[1]} channel{'s' * (images.shape[1] != 1)}, but "
+             f"the model's first convolution expects {channels}",
+             "images.permute(0, 3, 1, 2) turns (N, H, W, C) into (N, C, H, W)" if nhwc else
+             f"give the model {channels}-channel images (grey images: images.expand(-1, {channels}, -1, -1))",
+             f"通道数 (channels) 应为 {channels}，形状为 (N, C, H, W)")
+    if labels.ndim != 1:
+        fail(f"labels of shape {tuple(labels.shape)}, but the model expects one class index per image, shape (N,)",
+             "pass class indices (one-hot labels: labels.argmax(1))", "标签 (labels) 应该是每张图一个类别编号")
+    if len(images) != len(labels):
+        fail(f"{len(images)} images but {len(labels)} labels in one batch",
+             "the loader must yield as many labels as images", "一个 batch 里图像和标签的数量必须相同")
+    if len(labels) == 0:
+        fail("an empty batch (0 images)", "drop empty batches from the loader", "batch 不能为空")
+    if labels.dtype not in (torch.int64, torch.uint8):
+        fail(f"labels of dtype {labels.dtype}, but cross-entropy needs integer class indices (torch.int64)",
+             "labels.long()", "标签必须是整数类别编号 (torch.int64)")
+    num_classes = model_num_classes(model) if num_classes is None else num_classes
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        expected = f"in 0..{num_classes - 1}" if num_classes is not None else "at least 0"
+        fail(f"labels from {low} to {high}, but the model's head has num_classes={num_classes}: labels must lie "
+             f"{expected}",
+             "build the model with num_classes equal to the number of classes in the data "
+             "(e.g. models.resnet18_cbam(num_classes=10) for CIFAR-10), or fix the labels",
+             f"标签必须在 0..num_classes-1 之间 (num_classes={num_classes})")
+    smallest = getattr(model, "min_image_size", None)
+    if smallest and min(images.shape[-2:]) < smallest:
+        fail(f"images of {images.shape[-2]}×{images.shape[-1]} pixels, but {type(model).__name__} needs at least "
+             f"{smallest}×{smallest} (its max-pools halve the size {smallest.bit_length() - 1} times)",
+             f"use larger images (data.make_loaders(..., image_size={smallest}))", f"图像至少要 {smallest}×{smallest}")
+    if not torch.isfinite(images).all():
+        fail("images contain NaN or infinite values", "check how the images were made (normalisation by a zero std?)",
+             "图像中有 NaN 或无穷大")
+    top = float(images.abs().max())
+    if top > UNNORMALISED_MAX:
+        warnings.warn(f"{where}: the images reach {top:.0f}: they look like 0–255 pixel values, not normalised "
+                      f"ones (about -3..3). Training will work badly. Fix: divide by 255 and normalise "
+                      f"(TensorLoader.normalize, or transforms.ToTensor() + transforms.Normalize). "
+                      f"（提示：图像看起来没有归一化 (not normalised)）", UserWarning, stacklevel=3)
+
+
+def check_fit_arguments(model, schedule, *, label_smoothing: float = 0.0, on_epoch_end=None) -> None:
+    """``fit``'s arguments that torch would only reject mid-epoch (or never), refused before anything changes:
+    the schedule is also resolved against the model (``plan_for``: an unknown group is named)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. models.resnet18_cbam()), got {type(model).__name__}")
+    if not isinstance(schedule, Schedule):
+        hint = ("wrap the stages: finetune.Schedule([...])" if isinstance(schedule, (list, tuple)) else
+                "e.g. finetune.three_stage_schedule() or finetune.Schedule([finetune.Stage(...), ...])")
+        raise TypeError(f"schedule must be a finetune.Schedule, got {type(schedule).__name__}: {hint}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
+        raise ValueError(f"label_smoothing must be a number from 0 to 1 (e.g. 0.1), got {label_smoothing!r}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be a function called with the History after each epoch, "
+                        f"got {type(on_epoch_end).__name__}")
+    schedule.plan_for(model)
+
+
+def checked_batches(model: nn.Module, loader, where: str):
+    """An iterator over ``loader`` (iterating it once) whose first batch was checked by :func:`check_batch`."""
+    try:
+        batches = iter(loader)
+    except TypeError:
+        hint = " (that is the data itself: make loaders from it, data.make_loaders(data))" \
+            if type(loader).__name__ == "CifarData" else ""
+        raise BatchError(f"{where} must be an iterable of (images, labels) batches, got {type(loader).__name__}"
+                         f"{hint}. （提示：传入 loader，例如 data.make_loaders(data) 的返回值）") from None
+    first = next(batches, None)
+    if first is None:
+        size = getattr(loader, "batch_size", None)
+        if size is not None and getattr(loader, "drop_last", False) and _length(loader) == 0:
+            raise BatchError(f"{where} gave no batches: batch_size={size} is more than its images, and a training "
+                             f"loader drops the last incomplete batch (drop_last). Lower batch_size or pass "
+                             f"drop_last=False. （提示：batch_size 比训练集还大）")
+        raise BatchError(f"{where} gave no batches: is the data set smaller than one batch (drop_last)? "
+                         f"A generator gives its batches only once: pass a loader or a list to train several "
+                         f"epochs. （提示：数据集比一个 batch 还小，或生成器已用完）")
+    images, labels = first if isinstance(first, (tuple, list)) and len(first) == 2 else (first, None)
+    check_batch(model, images, labels, where=f"{where}'s first batch")
+    return itertools.chain([first], batches)
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # a generator or another iterable without a length
+        return None
+
+
 def evaluate(model: nn.Module, loader, device=None, amp: bool | None = None) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` over ``loader`` in eval mode under ``torch.inference_mode``."""
+    """``(mean loss, accuracy)`` over ``loader`` in eval mode under ``torch.inference_mode``.
+
+    The first batch is checked against the model first (:func:`check_batch`); ``loader`` is iterated once."""
     device = torch.device(device) if device else next(model.parameters()).device
+    batches = checked_batches(model, loader, "the evaluation loader")
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     with torch.inference_mode():
-        for images, labels in loader:
+        for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if amp is None:
                 amp = default_amp(device, images.shape[-2:])
@@ -265,16 +423,40 @@ def seed_everything(seed: int) -> None:
 
 def _unfreeze_on_exit(fit_fn):
     """However ``fit`` ends — returned, diverged, or interrupted (Kernel → Interrupt) — no group is left
-    frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval."""
+    frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval.
+
+    Refused before any training step (bad arguments, a bad batch, a checkpoint that cannot be used or
+    written), the model is left exactly as it was given: the same ``requires_grad`` and train/eval mode of
+    every module."""
+    signature = inspect.signature(fit_fn)
+
     @functools.wraps(fit_fn)
     def wrapper(model, *args, **kwargs):
+        bound = signature.bind(model, *args, **kwargs)
+        bound.apply_defaults()
+        check_fit_arguments(**{k: bound.arguments[k] for k in ("model", "schedule", "label_smoothing", "on_epoch_end")})
+        requires = [p.requires_grad for p in model.parameters()]
+        modes = [m.training for m in model.modules()]
         try:
-            return fit_fn(model, *args, **kwargs)
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
-            model.eval()
+            history = fit_fn(model, *args, **kwargs)
+        except (BatchError, CheckpointError):
+            for p, required in zip(model.parameters(), requires):
+                p.requires_grad_(required)
+            for m, training in zip(model.modules(), modes):
+                m.training = training
+            raise
+        except BaseException:
+            _unfreeze(model)
+            raise
+        _unfreeze(model)
+        return history
     return wrapper
+
+
+def _unfreeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
 
 
 @_unfreeze_on_exit
@@ -286,9 +468,12 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     """Train ``model`` through ``schedule``; returns the :class:`History` (one row per epoch).
 
     ``train_loader``/``val_loader``: any iterables of ``(images, labels)`` batches (a ``set_epoch``
-    method, if present, is called each epoch so shuffling depends only on the epoch).
+    method, if present, is called each epoch so shuffling depends only on the epoch), each iterated
+    exactly once per epoch. Their first batches are checked against the model before anything changes
+    (:func:`check_batch`: a :class:`BatchError`, a ``ValueError``, names what is wrong and the fix).
     ``checkpoint``: a file written atomically after every epoch; ``resume=True`` continues from it
-    (an existing checkpoint is never overwritten without ``resume=True``).
+    (an existing checkpoint is never overwritten without ``resume=True``); its folder is created and
+    probed with a temporary file before the first epoch.
     ``amp``: bf16 autocast (default: :func:`default_amp` — on CUDA, and on CPUs with native bf16 for
     inputs of at least 32×32).
     ``channels_last`` (default: :func:`default_channels_last` — on CUDA, and for ResNets on the CPU). ``compile``: ``torch.compile`` the model.
@@ -303,6 +488,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device)})
 
     checkpoint = Path(checkpoint) if checkpoint else None
+    if checkpoint:
+        check_writable(checkpoint)  # before any epoch, not after the first one
     if checkpoint and checkpoint.exists():
         if not resume:
             raise CheckpointError(f"checkpoint {checkpoint} already exists: pass resume=True to continue that run, "
@@ -324,14 +511,20 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         raise ValueError("resume=True needs checkpoint=<path>")
 
     step_model = torch.compile(model) if compile else model
+    # The first batch of each loader is checked against the model before anything changes (check_batch).
+    todo = plans[len(history):]
+    val_first = checked_batches(model, val_loader, "val_loader") if val_loader is not None and todo else None
     epochs = tqdm(plans, desc="epochs", disable=not progress, initial=len(history), total=len(plans))
-    for plan in plans[len(history):]:
+    for plan in todo:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(plan.epoch)
+        batches = checked_batches(model, train_loader, "train_loader") if plan is todo[0] else iter(train_loader)
+        # tqdm gets an iterator and the length: given the loader itself, tqdm.auto iterates it twice (tqdm #1598)
+        batches = tqdm(batches, total=_length(train_loader), desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False,
+                       disable=not progress)
         start_epoch(model, opt, plan)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        batches = tqdm(train_loader, desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False, disable=not progress)
         for i, (images, labels) in enumerate(batches):
             images, labels = batch_to_device(images, labels, device, channels_last)
             if amp is None:  # decided by the first batch's size (see default_amp)
@@ -350,7 +543,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         if seen == 0:
-            raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")
+            raise ValueError("train_loader gave no batches: is the training set smaller than one batch? "
+                             "(A generator gives its batches only once: pass a loader or a list.)")
         # The loss is checked before each step, so the last step of an epoch could still leave NaN/inf
         # weights: never write those over the last good checkpoint.
         bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
@@ -361,7 +555,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             raise TrainingDiverged(f"{bad} became NaN or infinite in epoch {plan.epoch} ({plan.stage}); {kept}. "
                                    f"Lower the learning rate of this stage ({plan.lr}).")
         train_seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, val_loader, device, amp) if val_loader is not None else (None, None)
+        val_loss, val_acc = evaluate(model, val_first or val_loader, device, amp) if val_loader is not None else (None, None)
+        val_first = None
         history.append({
             "epoch": plan.epoch, "stage": plan.stage,
             "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import ipywidgets as W
 from torch import nn
 
-from .finetune import Schedule, Stage, one_stage_schedule, three_stage_schedule
+from .finetune import Schedule, Stage, default_high_groups, high_groups_of, one_stage_schedule, three_stage_schedule
 from .models import layer_groups
 
 MAX_STAGES = 3
@@ -34,35 +34,49 @@ RATIO = 10.0  # new modules vs pretrained ones, when a preset or the panel needs
 
 #: What the panel's controls hold. ``lr[i]`` is stage i's learning rate (in differential mode: of its
 #: pretrained groups), ``lr_new[i]`` that of its new modules (differential mode only); ``trainable[i]``
-#: the groups stage i unfreezes (group names or the aliases ``new`` / ``pretrained`` / ``all``).
+#: the groups stage i unfreezes (group names or the aliases ``new`` / ``pretrained`` / ``high`` / ``all``).
 #: Stage 1 runs epochs 1..end1, stage 2 end1+1..end2, stage 3 end2+1..total (fewer with ``stages`` < 3).
 DEFAULT_VALUES = {
     "stages": 3, "end1": 5, "end2": 20, "total": 50, "differential": False,
     "lr": (1e-3, 1e-4, 1e-5), "lr_new": (1e-3, 1e-3, 1e-4),
-    "trainable": (("new",), ("new", "layer3", "layer4"), ("all",)),
+    "trainable": (("new",), ("new", "high"), ("all",)),
 }
 
 
 # ------------------------------------------------------------------------------ values ⇄ schedule
-def _expand(names, groups: Sequence[str], new: Collection[str], where: str) -> list[str]:
+def _expand(names, groups: Sequence[str], new: Collection[str], where: str, high: Collection[str] | None = None) -> list[str]:
     names = (names,) if isinstance(names, str) else tuple(names)
-    chosen = {g for name in names for g in Schedule._expand(name, groups, new, where)}
+    chosen = {g for name in names for g in Schedule._expand(name, groups, new, where, high)}
     return [g for g in groups if g in chosen]
 
 
-def _compress(trainable: Sequence[str], groups: Sequence[str], new: Sequence[str]) -> list[str] | str:
-    """Concrete groups → the schedule's spelling: ``"all"``, ``["new", ...]`` or plain names."""
+def _high(groups: Sequence[str], new: Collection[str], high: Collection[str] | None) -> list[str]:
+    return [g for g in groups if g in (default_high_groups(groups, new) if high is None else high)]
+
+
+def _compress(trainable: Sequence[str], groups: Sequence[str], new: Sequence[str],
+              high: Collection[str] | None = None) -> list[str] | str:
+    """Concrete groups → the schedule's spelling: ``"all"``, ``["new", "high", ...]`` or plain names."""
     if set(trainable) == set(groups):
         return "all"
+    high = _high(groups, new, high)
     if new and set(new) <= set(trainable):
-        return ["new"] + [g for g in trainable if g not in new]
+        rest = [g for g in trainable if g not in new]
+        if high and set(high) <= set(rest):
+            return ["new", "high"] + [g for g in rest if g not in high]
+        return ["new"] + rest
     return list(trainable)
 
 
-def _describe(chosen: Sequence[str], new: Sequence[str]) -> str:
-    """``head+cbam`` for the new modules (output side first), runs of layers as ``layer3-4``."""
+def _describe(chosen: Sequence[str], new: Sequence[str], high: Sequence[str] = ()) -> str:
+    """``head+cbam`` for the new modules (output side first), ``high`` for the high stages, runs of layers
+    as ``layer1-2``."""
     parts = list(reversed(new)) if new and set(new) <= set(chosen) else []
-    rest = [g for g in chosen if g not in parts]
+    covered = set(parts)
+    if high and set(high) <= set(chosen):
+        parts.append("high")
+        covered |= set(high)
+    rest = [g for g in chosen if g not in covered]
     i = 0
     while i < len(rest):
         j = i
@@ -74,13 +88,14 @@ def _describe(chosen: Sequence[str], new: Sequence[str]) -> str:
     return "+".join(parts)
 
 
-def _stage_name(i: int, n: int, trainable: Sequence[str], previous: Sequence[str], groups, new) -> str:
+def _stage_name(i: int, n: int, trainable: Sequence[str], previous: Sequence[str], groups, new, high=None) -> str:
     if set(trainable) == set(groups):
         return "all" if n == 1 else f"{i} all"  # the names three_stage_schedule / one_stage_schedule use
+    high = _high(groups, new, high)
     added = [g for g in trainable if g not in previous]
     if previous and set(previous) <= set(trainable) and added:
-        return f"{i} +{_describe(added, [g for g in new if g in added])}"
-    return f"{i} {_describe(trainable, new)}"
+        return f"{i} +{_describe(added, [g for g in new if g in added], high)}"
+    return f"{i} {_describe(trainable, new, high)}"
 
 
 def _check_lr(value, what: str) -> float:
@@ -89,10 +104,12 @@ def _check_lr(value, what: str) -> float:
     return float(value)
 
 
-def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")) -> Schedule:
+def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
+                         high_groups: Collection[str] | None = None) -> Schedule:
     """The :class:`Schedule` the panel's values describe, for a model with ``groups`` (input → output).
 
-    ``values`` has the keys of :data:`DEFAULT_VALUES` (missing keys take those defaults). Raises
+    ``values`` has the keys of :data:`DEFAULT_VALUES` (missing keys take those defaults); ``high_groups``:
+    what the alias ``"high"`` means (default: the last two stages among ``groups``). Raises
     ``ValueError`` with a clear message for an invalid choice: a stage that ends before the previous one,
     an empty stage, a stage that trains nothing, an unknown group or a learning rate that is not positive.
     """
@@ -123,7 +140,7 @@ def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Col
     stages, previous, first = [], [], 1
     for i in range(n):
         where = f"stage {i + 1}"
-        trainable = _expand(v["trainable"][i], groups, new, where)
+        trainable = _expand(v["trainable"][i], groups, new, where, high_groups)
         if not trainable:
             raise ValueError(f"stage {i + 1} trains nothing: choose at least one group for it to unfreeze "
                              f"(nothing trainable means nothing can learn).")
@@ -132,15 +149,16 @@ def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Col
             lr_new = _check_lr(v["lr_new"][i], f"the learning rate of new modules in stage {i + 1}")
             has_new, has_old = any(g in new for g in trainable), any(g not in new for g in trainable)
             lr = {"new": lr_new, "pretrained": lr} if has_new and has_old else lr_new if has_new else lr
-        name = _stage_name(i + 1, n, trainable, previous, groups, new)
-        stages.append(Stage(name, ends[i] - first + 1, _compress(trainable, groups, new), lr))
+        name = _stage_name(i + 1, n, trainable, previous, groups, new, high_groups)
+        stages.append(Stage(name, ends[i] - first + 1, _compress(trainable, groups, new, high_groups), lr))
         previous, first = trainable, ends[i] + 1
     schedule = Schedule(stages)
-    schedule.plan(groups, new)  # every stage resolves against these groups (raises ValueError otherwise)
+    schedule.plan(groups, new, high_groups)  # every stage resolves against these groups (raises ValueError otherwise)
     return schedule
 
 
-def values_from_schedule(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")) -> dict:
+def values_from_schedule(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
+                         high_groups: Collection[str] | None = None) -> dict:
     """The panel's values for ``schedule`` (at most 3 stages; at most two learning rates per stage:
     one for new modules, one for pretrained groups). Raises ``ValueError`` for what the panel cannot show."""
     groups = list(groups)
@@ -149,7 +167,7 @@ def values_from_schedule(schedule: Schedule, groups: Sequence[str], new_groups: 
         raise ValueError(f"the panel shows at most {MAX_STAGES} stages; this schedule has {len(schedule.stages)}")
     trainables, rates = [], []
     for stage in schedule.stages:
-        trainable, lr = schedule.resolve(stage, groups, new)
+        trainable, lr = schedule.resolve(stage, groups, new, high_groups)
         rates_new = {lr[g] for g in trainable if g in new}
         rates_old = {lr[g] for g in trainable if g not in new}
         if len(rates_new) > 1 or len(rates_old) > 1:
@@ -206,11 +224,12 @@ def schedule_summary(schedule: Schedule) -> str:
     return " | ".join(parts)
 
 
-def preview_rows(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head")) -> list[dict]:
+def preview_rows(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
+                 high_groups: Collection[str] | None = None) -> list[dict]:
     """The preview table: per stage its epochs, trainable groups, and learning rates grouped by value."""
     rows = []
     for stage, (_, first, last) in zip(schedule.stages, schedule.boundaries()):
-        trainable, lr = schedule.resolve(stage, list(groups), new_groups)
+        trainable, lr = schedule.resolve(stage, list(groups), new_groups, high_groups)
         by_rate: dict[float, list[str]] = {}
         for g in trainable:
             by_rate.setdefault(lr[g], []).append(g)
@@ -262,6 +281,7 @@ class ScheduleDesigner(W.VBox):
                  fit_kwargs: Mapping | None = None, finder_kwargs: Mapping | None = None):
         self.groups = list(layer_groups(model))
         self.new_groups = tuple(g for g in self.groups if g in getattr(model, "new_groups", ("cbam", "head")))
+        self.high_groups = tuple(g for g in self.groups if g in high_groups_of(model))
         self._template = None if model_fn is not None else copy.deepcopy(model)
         self.model_fn = model_fn
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -390,7 +410,7 @@ class ScheduleDesigner(W.VBox):
             for w, x in zip(self.w_lr_new, v["lr_new"]):
                 w.value = x
             for i, toggles in enumerate(self.w_train):
-                chosen = set(_expand(v["trainable"][i], self.groups, self.new_groups, f"stage {i + 1}"))
+                chosen = set(_expand(v["trainable"][i], self.groups, self.new_groups, f"stage {i + 1}", self.high_groups))
                 for g, t in toggles.items():
                     t.value = g in chosen
             if custom:
@@ -405,7 +425,7 @@ class ScheduleDesigner(W.VBox):
         return self._schedule
 
     def _apply_preset(self, name: str) -> None:
-        values = values_from_schedule(PRESETS[name](self.epochs), self.groups, self.new_groups)
+        values = values_from_schedule(PRESETS[name](self.epochs), self.groups, self.new_groups, self.high_groups)
         self.set_values(values, custom=False)
 
     def _on_preset(self, change) -> None:
@@ -442,7 +462,7 @@ class ScheduleDesigner(W.VBox):
         """Recompute the schedule from the controls and redraw the preview (or show why it is invalid)."""
         self._sync_controls()
         try:
-            schedule = schedule_from_values(self.values, self.groups, self.new_groups)
+            schedule = schedule_from_values(self.values, self.groups, self.new_groups, self.high_groups)
         except ValueError as err:
             self.error = str(err)
             self.w_error.value = (
@@ -466,8 +486,9 @@ class ScheduleDesigner(W.VBox):
 
         schedule = self._schedule
         # The plot first: when the table's text changes (what a browser test waits for), both are new.
-        self.w_plot.value = _png(plot_lr(schedule.plan(self.groups, self.new_groups)))
-        self.w_table.value = _html_table(preview_rows(schedule, self.groups, self.new_groups), "schedule-table",
+        self.w_plot.value = _png(plot_lr(schedule.plan(self.groups, self.new_groups, self.high_groups)))
+        self.w_table.value = _html_table(preview_rows(schedule, self.groups, self.new_groups, self.high_groups),
+                                         "schedule-table",
                                          f"日程 (schedule): {schedule.epochs} epochs")
 
     # -- training

@@ -92,3 +92,22 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def self_hashed_imagenet(torch_home, resnet18_state_file, monkeypatch):
+    """The random ResNet18 state_dict in the empty torchvision cache as ``resnet18-<its own sha256[:8]>.pth``,
+    with torchvision's ImageNet URL pointing to that name (a generated file cannot match f37072fd), so the
+    course's hash check passes for it as it does for the real download. Returns the cached file."""
+    import hashlib
+    import shutil
+
+    from torchvision.models import ResNet18_Weights
+
+    prefix = hashlib.sha256(resnet18_state_file.read_bytes()).hexdigest()[:8]
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setattr(weights.value, "url", f"https://download.pytorch.org/models/resnet18-{prefix}.pth")
+    cache = torch_home / "hub" / "checkpoints" / f"resnet18-{prefix}.pth"
+    cache.parent.mkdir(parents=True)
+    shutil.copy(resnet18_state_file, cache)
+    return cache

@@ -161,10 +161,8 @@ def test_pretrained_or_random_falls_back_loudly(torch_home, no_network, capsys):
     assert "RANDOM" in capsys.readouterr().out
 
 
-def test_imagenet_from_cache_loads_without_network(torch_home, no_network, resnet18_state_file, capsys):
-    cache = torch_home / "hub" / "checkpoints" / IMAGENET_FILE
-    cache.parent.mkdir(parents=True)
-    cache.write_bytes(resnet18_state_file.read_bytes())
+def test_imagenet_from_cache_loads_without_network(self_hashed_imagenet, no_network, resnet18_state_file, capsys):
+    cache = self_hashed_imagenet
     model = resnet18_cbam(weights="imagenet", placement="block")
     assert str(cache) in capsys.readouterr().out
     state = torch.load(resnet18_state_file, weights_only=True)
