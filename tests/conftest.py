@@ -18,6 +18,10 @@ import torch
 # 60× slower under load). COURSE_TEST_THREADS overrides it; tests/_train_worker.py reads it too.
 TEST_THREADS = int(os.environ.get("COURSE_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
+# No bf16/fp32 measurement in tests (nor in the notebooks they run: kernels inherit the environment):
+# fit's defaults follow the fixed rule, so runs are deterministic and never pay for timing candidates.
+# tests/test_precision.py tests the measurement itself.
+os.environ.setdefault("COURSE_PRECISION", "rule")
 
 from _helpers import make_loaders, random_images
 from course_utils import data as cdata
