@@ -96,3 +96,26 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="session")
+def smoke_notebooks(tmp_path_factory):
+    """``run(path) -> executed copy``: each notebook executed by papermill at smoke at most once per session,
+    into one temporary folder (tests/test_notebooks.py checks each run, tests/test_book.py renders them all).
+    A failed run raises again for every test that asks for it."""
+    from test_notebooks import execute_smoke
+
+    out_dir = tmp_path_factory.mktemp("smoke_run")
+    done: dict = {}
+
+    def run(path):
+        if path.name not in done:
+            try:
+                done[path.name] = execute_smoke(path, out_dir)
+            except Exception as err:  # noqa: BLE001 - re-raised below, for this and every later caller
+                done[path.name] = err
+        if isinstance(done[path.name], Exception):
+            raise done[path.name]
+        return done[path.name]
+
+    return run
