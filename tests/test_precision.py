@@ -160,8 +160,12 @@ def test_corrupted_cache_is_ignored_and_rewritten(bf16_cpu, content):
 def test_unwritable_cache_warns_and_still_chooses(bf16_cpu, monkeypatch):
     bf16_cpu.parent.parent.write_text("a file where the cache folder should be")
     fake = FakeMeasure(FP32_FASTEST)
-    with pytest.warns(UserWarning, match="cannot write the precision cache"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         choice = precision.choose("cpu", small_model(), 32, 64, measure_fn=fake)
+    messages = [str(w.message) for w in caught]
+    assert any("cannot read the precision cache" in m for m in messages), messages
+    assert any("cannot write the precision cache" in m for m in messages), messages
     assert (choice.amp, choice.channels_last) == (False, True)
 
 
@@ -244,3 +248,23 @@ def test_describe_names_the_cached_choice(bf16_cpu):
     text = precision.describe()
     assert "native bf16: yes" in text and str(bf16_cpu) in text
     assert "fp32 channels_last — " in text and "32x32" in text and "ResNetCBAM/" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp_flag, want_amp, want_source", [("auto", False, "measured"), ("on", True, "argument")])
+def test_bench_reports_the_choice_and_its_figures(bf16_cpu, monkeypatch, tmp_path, capsys, amp_flag, want_amp,
+                                                  want_source):
+    from course_utils import __main__ as cli
+
+    fake = FakeMeasure(FP32_FASTEST)
+    monkeypatch.setattr(precision, "measure", fake)
+    out = tmp_path / "bench.json"
+    cli.main(["bench", "--device", "cpu", "--images", "32", "--batch-size", "16", "--repeats", "1", "--workers", "0",
+              "--synthetic", "--no-lesson", "--no-progress", "--amp", amp_flag, "--json", str(out)])
+    config = json.loads(out.read_text())["config"]
+    assert config["course_amp"] is want_amp and config["course_channels_last"] is True
+    assert config["precision"]["source"] == {"amp": want_source, "channels_last": "measured"}
+    assert config["precision"]["images_per_s"] == FP32_FASTEST and len(fake.calls) == 1
+    printed = capsys.readouterr().out
+    assert f"precision choice: {'bf16 autocast' if want_amp else 'fp32'} ({want_source}), channels_last (measured)" \
+        in printed and "fp32 channels_last 400" in printed
