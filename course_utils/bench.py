@@ -7,8 +7,9 @@ In one run, on the same model, batch size, optimizer (AdamW) and images, it time
   the row **lesson** is the same with the lesson's full augmentation (+ ``ColorJitter`` + ``RandomRotation``);
 * **course** — :func:`course_utils.train.fit` fed by :class:`course_utils.data.TensorLoader` (uint8 images
   held on the device, crop/flip/normalise as batched tensor ops), with fit's own defaults per device
-  (bf16 autocast where the hardware has bf16 — CUDA, or a CPU with AVX512-BF16/AMX; channels_last on CUDA
-  and for ResNets on the CPU; cuDNN autotuning; a fused AdamW step);
+  (bf16 autocast and channels_last as :func:`course_utils.precision.choose` decides — on CUDA both; on a CPU
+  with native bf16 the faster of fp32/bf16 × NCHW/channels_last in a short measurement cached per machine,
+  reported in the table; cuDNN autotuning; a fused AdamW step);
 
 train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
 separately. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
