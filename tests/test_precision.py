@@ -268,3 +268,13 @@ def test_bench_reports_the_choice_and_its_figures(bf16_cpu, monkeypatch, tmp_pat
     printed = capsys.readouterr().out
     assert f"precision choice: {'bf16 autocast' if want_amp else 'fp32'} ({want_source}), channels_last (measured)" \
         in printed and "fp32 channels_last 400" in printed
+
+
+def test_bf16_only_where_it_pays(bf16_cpu):
+    """Within 3% of fp32 (noise), fp32 — the exact one — is kept."""
+    close = {"fp32 NCHW": 300.0, "fp32 channels_last": 400.0, "bf16 NCHW": 200.0, "bf16 channels_last": 410.0}
+    choice = precision.choose("cpu", small_model(), 32, 64, measure_fn=FakeMeasure(close))
+    assert (choice.amp, choice.channels_last) == (False, True)
+    clear = dict(close, **{"bf16 channels_last": 420.0})
+    choice = precision.choose("cpu", small_model(), 64, 64, measure_fn=FakeMeasure(clear))
+    assert (choice.amp, choice.channels_last) == (True, True)
