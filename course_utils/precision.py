@@ -297,16 +297,14 @@ def choose(device, model: nn.Module | None = None, image_size=None, batch_size: 
     can_measure = (device.type == "cpu" and model is not None and sides is not None and native_bf16(device)
                    and min(sides) >= MIN_BF16_SIDE and _measuring())
     if not can_measure:
-        if amp is None:
-            amp, source["amp"] = rule_amp(device, image_size), "rule"
-        if channels_last is None:
-            channels_last, source["channels_last"] = rule_channels_last(model, device), "rule"
-        return Choice(bool(amp), bool(channels_last), source)
+        return _by_rule(device, model, sides, amp, channels_last, source)
 
     path = Path(cache_file) if cache_file else cache_path()
     key = cache_key(model, sides)
     entry = _MEMO.get((str(path), key))
     how = "cached"
+    if entry == {}:  # the measurement failed earlier in this process: the rule, without trying again
+        return _by_rule(device, model, sides, amp, channels_last, source)
     if entry is None:
         entries = read_cache(path)
         entry = entries.get(key)
@@ -316,9 +314,8 @@ def choose(device, model: nn.Module | None = None, image_size=None, batch_size: 
             except Exception as err:  # a model the probe cannot copy or run: the rule, and say so
                 warnings.warn(f"could not measure bf16/fp32 for {type(model).__name__} ({err!r}); using the rule",
                               stacklevel=2)
-                return Choice(rule_amp(device, sides) if amp is None else bool(amp),
-                              rule_channels_last(model, device) if channels_last is None else bool(channels_last),
-                              {"amp": source.get("amp", "rule"), "channels_last": source.get("channels_last", "rule")})
+                _MEMO[(str(path), key)] = {}
+                return _by_rule(device, model, sides, amp, channels_last, source)
             entry = {"images_per_s": {k: round(float(v), 1) for k, v in figures.items()},
                      "batch_size": batch_size or 128, "steps": STEPS,
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -344,6 +341,14 @@ def choose(device, model: nn.Module | None = None, image_size=None, batch_size: 
     if channels_last is None:
         channels_last, source["channels_last"] = best_cl, how
     return Choice(bool(amp), bool(channels_last), source, dict(figures), key)
+
+
+def _by_rule(device, model, sides, amp, channels_last, source) -> Choice:
+    if amp is None:
+        amp, source["amp"] = rule_amp(device, sides), "rule"
+    if channels_last is None:
+        channels_last, source["channels_last"] = rule_channels_last(model, device), "rule"
+    return Choice(bool(amp), bool(channels_last), source)
 
 
 def describe(device="cpu") -> str:

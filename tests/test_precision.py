@@ -278,3 +278,17 @@ def test_bf16_only_where_it_pays(bf16_cpu):
     clear = dict(close, **{"bf16 channels_last": 420.0})
     choice = precision.choose("cpu", small_model(), 64, 64, measure_fn=FakeMeasure(clear))
     assert (choice.amp, choice.channels_last) == (True, True)
+
+
+def test_a_model_that_cannot_be_measured_falls_back_to_the_rule_once(bf16_cpu):
+    calls = []
+
+    def broken(model, size, batch):
+        calls.append(1)
+        raise RuntimeError("no bf16 kernel for this op")
+
+    with pytest.warns(UserWarning, match="could not measure.*no bf16 kernel"):
+        choice = precision.choose("cpu", small_model(), 32, 64, measure_fn=broken)
+    assert (choice.amp, choice.channels_last) == (True, True) and choice.source["amp"] == "rule"
+    again = precision.choose("cpu", small_model(), 32, 64, measure_fn=broken)
+    assert (again.amp, again.channels_last) == (True, True) and calls == [1]
