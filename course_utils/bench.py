@@ -7,8 +7,9 @@ In one run, on the same model, batch size, optimizer (AdamW) and images, it time
   the row **lesson** is the same with the lesson's full augmentation (+ ``ColorJitter`` + ``RandomRotation``);
 * **course** — :func:`course_utils.train.fit` fed by :class:`course_utils.data.TensorLoader` (uint8 images
   held on the device, crop/flip/normalise as batched tensor ops), with fit's own defaults per device
-  (bf16 autocast where the hardware has bf16 — CUDA, or a CPU with AVX512-BF16/AMX; channels_last on CUDA
-  and for ResNets on the CPU; cuDNN autotuning; a fused AdamW step);
+  (bf16 autocast and channels_last as :func:`course_utils.precision.choose` decides — on CUDA both; on a CPU
+  with native bf16 the faster of fp32/bf16 × NCHW/channels_last in a short measurement cached per machine,
+  reported in the table; cuDNN autotuning; a fused AdamW step);
 
 train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
 separately. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
@@ -41,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from . import data as cdata
+from . import precision
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
-from .train import default_amp, default_channels_last, evaluate, fit
+from .train import evaluate, fit
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
@@ -211,9 +213,10 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
         p["samples"], p["mem"] = [], []
     # course: fit over a TensorLoader; one fit epoch per repeat (+1 warm-up)
     course_model = build()
-    cl = channels_last
-    if cl is None:  # fit's default, so the loader hands over batches already in that layout
-        cl = default_channels_last(course_model, device)
+    # fit's defaults, resolved once here (measured on a native-bf16 CPU, or cached) so that the loader
+    # hands over batches already in that layout and the table can say what was chosen and why
+    choice = precision.choose(device, course_model, image_size, batch_size, amp=amp, channels_last=channels_last)
+    cl, course_amp = choice.channels_last, choice.amp
     course_loader = cdata.TensorLoader(x, y, batch_size, train=True, image_size=size, device=device, seed=seed,
                                        channels_last=cl)
     course = {"samples": [], "mem": [], "warmup_s": None}
@@ -251,14 +254,13 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
 
     memory.reset()
     fit(course_model, Schedule([Stage("bench", 1 + repeats, "all", LR)]), course_loader, None, device=device,
-        progress=False, amp=amp, channels_last=channels_last, compile=compile, on_epoch_end=after_course_epoch)
+        progress=False, amp=course_amp, channels_last=cl, compile=compile, on_epoch_end=after_course_epoch)
     bar.close()
 
     # evaluation: plain DataLoader without augmentation + no_grad, vs fit's evaluate on an eval TensorLoader
     plain_eval_loader = cdata.plain_loader(x, y, batch_size, train=False, image_size=size, num_workers=workers)
     course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
                                             channels_last=cl)
-    course_amp = default_amp(device, image_size) if amp is None else amp
     ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
     eval_model = plain["plain"]["model"]
     for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
@@ -291,7 +293,8 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     return {
         "config": {"device": str(device), "model": model, "image_size": image_size, "images": n,
                    "repeats": repeats, "batch_size": batch_size, "workers": workers, "compile": compile,
-                   "course_amp": course_amp, "course_channels_last": cl, "optimizer": "AdamW",
+                   "course_amp": course_amp, "course_channels_last": cl, "precision": choice.as_dict(),
+                   "optimizer": "AdamW",
                    "threads": torch.get_num_threads(), "data": source, "seed": seed},
         "machine": machine_info(device, load_start),
         "train": train,
@@ -304,16 +307,20 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
 
 def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs: int = 8, seeds: int = 3,
                  train_size: int | None = 5000, val_size: int | None = 1000, batch_size: int = 128,
-                 workers: int = 2, progress: bool = True) -> dict:
+                 workers: int = 2, amp: bool | None = None, channels_last: bool | None = None,
+                 progress: bool = True) -> dict:
     """Does the fast path learn as well as the plain one? Both train ``model`` from the same random
     initialisation for ``epochs`` at a constant AdamW learning rate on the same CIFAR-10 split (default:
     the ``quick`` preset's 5,000/1,000), once per seed; returns each path's validation accuracies and
-    their mean and spread, as measured by each path's own evaluation."""
+    their mean and spread, as measured by each path's own evaluation. ``amp``/``channels_last``: the course
+    path's (``None``: fit's defaults, see :mod:`course_utils.precision`)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = cdata.load_cifar10(train_size=train_size, val_size=val_size, download=False, verbose=False)
     results = {"plain": [], "course": []}
+    choice = precision.choose(device, MODELS[model](num_classes=10, weights=None), data.train_images.shape[-2:],
+                              batch_size, amp=amp, channels_last=channels_last)
     bar = tqdm(total=2 * seeds * epochs, desc="accuracy", disable=not progress)
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -332,16 +339,18 @@ def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs
         del train_loader, val_loader
         # course: fit on TensorLoaders with its defaults
         train_fast, val_fast = cdata.make_loaders(data, batch_size, device=device, seed=seed,
-                                                  channels_last=default_channels_last(course_model, device))
+                                                  channels_last=choice.channels_last)
         history = fit(course_model, Schedule([Stage("all", epochs, "all", LR)]), train_fast, val_fast,
-                      device=device, progress=False, on_epoch_end=lambda h: bar.update(1))
+                      device=device, progress=False, amp=choice.amp, channels_last=choice.channels_last,
+                      on_epoch_end=lambda h: bar.update(1))
         results["course"].append(history.rows[-1]["val_acc"])
     bar.close()
     summary = {name: {"val_acc": accs, "mean": statistics.mean(accs),
                       "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0} for name, accs in results.items()}
     return {"config": {"device": str(device), "model": model, "epochs": epochs, "seeds": seeds, "lr": LR,
                        "train": len(data.train_labels), "val": len(data.val_labels), "data": data.source,
-                       "course_amp": default_amp(device, data.train_images.shape[-2:]), "batch_size": batch_size},
+                       "course_amp": choice.amp, "course_channels_last": choice.channels_last,
+                       "precision": choice.as_dict(), "batch_size": batch_size},
             "machine": machine_info(device), "accuracy": summary,
             "difference": summary["course"]["mean"] - summary["plain"]["mean"]}
 
@@ -352,23 +361,19 @@ def format_accuracy(result: dict) -> str:
              f"{c['val']} val images ({c['data']}), {c['seeds']} seeds, device {c['device']}", "",
              f"{'':34s} {'val acc mean':>12s} {'stdev':>7s}   per seed"]
     names = {"plain": "plain: PIL DataLoader, fp32", "course": "course: TensorLoader + fit" +
-             (", bf16" if c["course_amp"] else "")}
+             (", bf16" if c["course_amp"] else ", fp32")}
     for key, row in a.items():
         lines.append(f"{names[key]:34s} {row['mean']:12.3f} {row['stdev']:7.3f}   "
                      + " ".join(f"{v:.3f}" for v in row["val_acc"]))
     noise = max(a["plain"]["stdev"], a["course"]["stdev"])
     lines += ["", f"course - plain: {result['difference']:+.3f} (largest seed-to-seed stdev {noise:.3f})"]
+    if "precision" in c:
+        lines.append(f"course precision: {precision.Choice(**c['precision'])}")
     return "\n".join(lines)
 
 
 def machine_info(device: torch.device, load_start=None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    info = {"cpu": precision.cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -408,6 +413,7 @@ def format_table(result: dict) -> str:
               f"{'channels_last' if c['course_channels_last'] else 'NCHW'}"
               f"{', torch.compile' if c['compile'] else ''}; first-epoch overhead "
               f"{result['course_first_epoch_overhead_s']:.1f} s (warm-up{', compilation' if c['compile'] else ''})",
+              f"precision choice: {precision.Choice(**c['precision'])}" if "precision" in c else "",
               f"memory: {result['memory_method']}"]
     # the benchmark's own threads and workers raise the load while it runs, so only the load it started
     # under says whether something else was competing for the CPU
@@ -452,7 +458,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     if args.accuracy is not None:
         result = run_accuracy(device=args.device, model=args.model, epochs=args.accuracy, seeds=args.repeats,
-                              batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+                              batch_size=args.batch_size, workers=args.workers, amp=_on_off(args.amp),
+                              channels_last=_on_off(args.channels_last), progress=not args.no_progress)
         print(format_accuracy(result))
         return _write_json(result, args.json)
     result = run_bench(device=args.device, model=args.model, image_size=args.image_size, images=args.images,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .finetune import EpochPlan, Schedule, Stage, make_optimizer
+from . import precision
 from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
 
 SKIP_START = 0.1  # the first 10 % of the steps (the loss still settles at tiny rates) are not considered
@@ -320,7 +321,8 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
     try:
         torch.manual_seed(seed)
         random.seed(seed)
-        channels_last = prepare_model(model, device, channels_last)
+        channels_last = prepare_model(model, device, channels_last, precision.loader_image_size(train_loader),
+                                      getattr(train_loader, "batch_size", None))
         opt = passed if passed is not None else make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
         start_epoch(model, opt, plan)
         ratio = (end_lr / start_lr) ** (1 / (num_steps - 1))
@@ -333,7 +335,7 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
                     param_group["lr"] = multiplier * shares.get(param_group["group"], 0.0)
                 images, labels = batch_to_device(images, labels, device, channels_last)
                 if amp is None:
-                    amp = default_amp(device, images.shape[-2:])
+                    amp = default_amp(device, images.shape[-2:], model, channels_last)
                 loss, _ = train_step(model, opt, images, labels, amp=amp, label_smoothing=label_smoothing)
                 value = loss.item()
                 average = smooth * average + (1 - smooth) * value

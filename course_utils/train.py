@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision
 from .finetune import Schedule, apply_epoch, make_optimizer
+from .precision import native_bf16  # noqa: F401  (train.native_bf16, as before)
 
 COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
 
@@ -167,40 +169,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX.
-
-    On other CPUs (most laptops: AVX2 only) bf16 is emulated and slower than fp32, so it stays off there.
+def default_amp(device: torch.device, image_size=None, model: nn.Module | None = None,
+                channels_last: bool | None = None) -> bool:
+    """``fit``/``evaluate``'s default for ``amp``: :func:`course_utils.precision.choose` — ``COURSE_AMP``,
+    else on a CPU with native bf16 the faster of bf16/fp32 as measured for ``model`` at ``image_size``
+    (cached per machine), else bf16 wherever the hardware has it natively; on the CPU never below 32×32
+    (``image_size``: an int or ``(H, W)``; oneDNN's bf16 weight-gradient NaNs, see :func:`~course_utils.precision.rule_amp`).
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return precision.choose(device, model, image_size, amp=None, channels_last=channels_last).amp
 
 
-def default_amp(device: torch.device, image_size=None) -> bool:
-    """``fit``/``evaluate``'s default for ``amp``: bf16 autocast wherever the hardware has bf16 (measured
-    faster on CUDA and on an AVX512-BF16 CPU, same accuracy); fp32 elsewhere.
-
-    On the CPU, not for inputs smaller than 32×32 (``image_size``: an int or ``(H, W)``): there a stride-2
-    3×3 convolution meets a 1×1 map (ResNet's layer4 at 16×16 input), and oneDNN's bf16 kernel for its
-    weight gradient returns NaN or infinity now and then (measured with torch 2.14.1: 16-51 of 100 steps).
-    """
-    device = torch.device(device)
-    if not native_bf16(device):
-        return False
-    if device.type == "cpu" and image_size is not None:
-        sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return min(sides) >= 32
-    return True
-
-
-def default_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """``fit``'s default for ``channels_last``: on CUDA always; on the CPU for ResNets (measured faster),
-    not for VGG (measured slower)."""
-    return torch.device(device).type == "cuda" or type(model).__name__.startswith("ResNet")
+def default_channels_last(model: nn.Module, device: torch.device, image_size=None, batch_size=None) -> bool:
+    """``fit``'s default for ``channels_last``: :func:`course_utils.precision.choose` — ``COURSE_CHANNELS_LAST``,
+    else measured on a CPU with native bf16 (where ``image_size`` is known), else on CUDA always and on the
+    CPU for ResNets (measured faster), not for VGG (measured slower)."""
+    return precision.choose(device, model, image_size, batch_size).channels_last
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -350,7 +333,7 @@ def evaluate(model: nn.Module, loader, device=None, amp: bool | None = None) -> 
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if amp is None:
-                amp = default_amp(device, images.shape[-2:])
+                amp = default_amp(device, images.shape[-2:], model)
             with _autocast(device, amp):
                 logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -372,11 +355,12 @@ def predict(model: nn.Module, loader, device=None) -> tuple[torch.Tensor, torch.
     return torch.cat(preds), torch.cat(trues)
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None,
+                  image_size=None, batch_size: int | None = None) -> bool:
     """Per-run setup of ``fit`` (and of ``lr_find``): the model on ``device``, channels-last when asked
-    (default: :func:`default_channels_last`); returns that choice."""
+    (default: :func:`default_channels_last` for this input size and batch size); returns that choice."""
     if channels_last is None:
-        channels_last = default_channels_last(model, device)
+        channels_last = default_channels_last(model, device, image_size, batch_size)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -474,8 +458,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     ``checkpoint``: a file written atomically after every epoch; ``resume=True`` continues from it
     (an existing checkpoint is never overwritten without ``resume=True``); its folder is created and
     probed with a temporary file before the first epoch.
-    ``amp``: bf16 autocast (default: :func:`default_amp` — on CUDA, and on CPUs with native bf16 for
-    inputs of at least 32×32).
+    ``amp``: bf16 autocast (default: :func:`default_amp` — on CUDA; on CPUs with native bf16, for inputs
+    of at least 32×32, where a short measurement cached per machine finds it faster; ``COURSE_AMP``).
     ``channels_last`` (default: :func:`default_channels_last` — on CUDA, and for ResNets on the CPU). ``compile``: ``torch.compile`` the model.
     ``on_epoch_end(history)`` is called after each epoch (live plots).
     """
@@ -483,7 +467,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
 
     device = torch.device(device) if device else default_device()
     plans = schedule.plan_for(model)  # validates the schedule against this model before any training
-    channels_last = prepare_model(model, device, channels_last)
+    channels_last = prepare_model(model, device, channels_last, precision.loader_image_size(train_loader),
+                                  getattr(train_loader, "batch_size", None))
     opt = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
     history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device)})
 
@@ -528,7 +513,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         for i, (images, labels) in enumerate(batches):
             images, labels = batch_to_device(images, labels, device, channels_last)
             if amp is None:  # decided by the first batch's size (see default_amp)
-                amp = default_amp(device, images.shape[-2:])
+                amp = default_amp(device, images.shape[-2:], model, channels_last)
 
             def check_loss(loss):  # called at once, before backward (i, plan: this batch)
                 if not torch.isfinite(loss):

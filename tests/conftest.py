@@ -18,6 +18,10 @@ import torch
 # 60× slower under load). COURSE_TEST_THREADS overrides it; tests/_train_worker.py reads it too.
 TEST_THREADS = int(os.environ.get("COURSE_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
+# No bf16/fp32 measurement in tests (nor in the notebooks they run: kernels inherit the environment):
+# fit's defaults follow the fixed rule, so runs are deterministic and never pay for timing candidates.
+# tests/test_precision.py tests the measurement itself.
+os.environ.setdefault("COURSE_PRECISION", "rule")
 
 from _helpers import make_loaders, random_images
 from course_utils import data as cdata
@@ -111,3 +115,26 @@ def self_hashed_imagenet(torch_home, resnet18_state_file, monkeypatch):
     cache.parent.mkdir(parents=True)
     shutil.copy(resnet18_state_file, cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def smoke_notebooks(tmp_path_factory):
+    """``run(path) -> executed copy``: each notebook executed by papermill at smoke at most once per session,
+    into one temporary folder (tests/test_notebooks.py checks each run, tests/test_book.py renders them all).
+    A failed run raises again for every test that asks for it."""
+    from test_notebooks import execute_smoke
+
+    out_dir = tmp_path_factory.mktemp("smoke_run")
+    done: dict = {}
+
+    def run(path):
+        if path.name not in done:
+            try:
+                done[path.name] = execute_smoke(path, out_dir)
+            except Exception as err:  # noqa: BLE001 - re-raised below, for this and every later caller
+                done[path.name] = err
+        if isinstance(done[path.name], Exception):
+            raise done[path.name]
+        return done[path.name]
+
+    return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 from pathlib import Path
 
@@ -85,21 +86,42 @@ def test_committed_notebook_is_clean_and_small(path):
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_notebook_runs_with_papermill_overrides(path, tmp_path, monkeypatch):
-    papermill = pytest.importorskip("papermill")
-    monkeypatch.setenv("COURSE_RESULTS", str(tmp_path / "results"))  # saved runs go to tmp, not the repository
+def smoke_parameters(path: Path, results_dir: Path) -> tuple[dict, dict]:
+    """``(parameters, overrides)`` papermill injects into ``path`` for the smoke run."""
     (cell,) = [c for c in read(path)["cells"] if "parameters" in tags(c)]
     defined = assigned("".join(cell["source"]))
     overrides = {k: v for k, v in {**SMALL, **PER_NOTEBOOK.get(path.name, {})}.items() if k in defined}
     parameters = {"PRESET": "smoke", **overrides}
     if "RESULTS_DIR" in defined:
-        parameters["RESULTS_DIR"] = str(tmp_path / "results")
+        parameters["RESULTS_DIR"] = str(results_dir)
+    return parameters, overrides
 
-    out = tmp_path / path.name
-    papermill.execute_notebook(str(path), str(out), parameters=parameters, kernel_name="python3",
-                               cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=600)
+
+def execute_smoke(path: Path, out_dir: Path) -> Path:
+    """Execute ``path`` with papermill at smoke into ``out_dir``; saved runs go to ``out_dir/results``."""
+    import papermill
+
+    results = out_dir / "results"
+    parameters, _ = smoke_parameters(path, results)
+    before = os.environ.get("COURSE_RESULTS")
+    os.environ["COURSE_RESULTS"] = str(results)  # saved runs go to tmp, not the repository
+    try:
+        papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, kernel_name="python3",
+                                   cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=600)
+    finally:
+        if before is None:
+            os.environ.pop("COURSE_RESULTS", None)
+        else:
+            os.environ["COURSE_RESULTS"] = before
+    return out_dir / path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_runs_with_papermill_overrides(path, smoke_notebooks):
+    pytest.importorskip("papermill")
+    out = smoke_notebooks(path)  # executed once per session (tests/test_book.py renders the same run)
+    parameters, overrides = smoke_parameters(path, out.parent / "results")
     executed = read(out)
     assert not errors(executed), errors(executed)
 

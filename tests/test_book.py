@@ -1,0 +1,188 @@
+"""The executed course as a static HTML book (course_utils.book), checked in headless Chromium.
+
+The book is rendered from the smoke run that tests/test_notebooks.py also checks (the session fixture
+``smoke_notebooks`` executes each notebook once). Without network access, as a student's offline copy
+would be: every request that is not a ``file:`` URL is aborted. Screenshots go to ``test-artifacts/``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import pytest
+
+from course_utils import book
+from test_browser import ARTIFACTS, CHROMIUM_FLAGS, chromium  # noqa: F401  (the chromium fixture)
+from test_notebooks import NOTEBOOKS
+
+CJK_SAMPLE = "学习"  # glyphs any CJK font has
+MISSING_GLYPHS = "\ue000"  # private use area: no font draws it (a tofu box)
+
+
+@pytest.fixture(scope="session")
+def smoke_book(smoke_notebooks, tmp_path_factory):
+    pytest.importorskip("papermill")
+    executed = [smoke_notebooks(path) for path in NOTEBOOKS]
+    out = tmp_path_factory.mktemp("book")
+    index = book.build_book(executed[0].parent, out)
+    return {"index": index, "executed": executed, "out": out}
+
+
+def outputs(nb: dict, predicate) -> int:
+    return sum(1 for c in nb["cells"] for o in c.get("outputs", []) if predicate(o))
+
+
+def is_banner(output) -> bool:
+    return "border:2px solid #c00" in "".join(output.get("data", {}).get("text/html", ""))
+
+
+def test_missing_notebooks_say_to_run_the_course_first(tmp_path, capsys):
+    with pytest.raises(book.BookError, match=r"python -m course_utils course"):
+        book.build_book(tmp_path, tmp_path / "book")
+    assert book.main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "book")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "python -m course_utils course" in err
+    assert not (tmp_path / "book").exists()
+
+
+def test_run_time_from_papermill_metadata():
+    nb = {"metadata": {"papermill": {"duration": 75.4}}, "cells": []}
+    assert book.run_seconds(nb) == 75.4 and book.format_seconds(75.4) == "1 min 15 s"
+    cells = [{"metadata": {"papermill": {"duration": d}}} for d in (1.5, 2.0)] + [{"metadata": {}}]
+    assert book.run_seconds({"metadata": {}, "cells": cells}) == 3.5
+    assert book.run_seconds({"metadata": {}, "cells": [{"metadata": {}}]}) is None
+
+
+@pytest.mark.slow
+def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
+    out, executed = smoke_book["out"], smoke_book["executed"]
+    index = smoke_book["index"].read_text(encoding="utf-8")
+    pages = [out / (p.stem + ".html") for p in executed]
+    assert [m for m in re.findall(r'href="([^"]+)"', index)] == [p.name for p in pages]
+    for i, (path, page) in enumerate(zip(executed, pages)):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        summary = book.lesson_summary(nb, path)
+        assert summary["preset"] == "smoke" and not summary["failed"]
+        first_goal = re.sub(r"[*`]", "", summary["goals"]).splitlines()[0]
+        assert "学习目标" in "".join(nb["cells"][0]["source"]) and first_goal[3:12] in re.sub(r"<[^>]+>", "", index)
+        assert book.format_seconds(nb["metadata"]["papermill"]["duration"]) in index
+        text = page.read_text(encoding="utf-8")
+        code_cells = sum(1 for c in nb["cells"] if c["cell_type"] == "code")
+        assert text.count('<details class="book-code"') == code_cells
+        pngs = outputs(nb, lambda o: "image/png" in o.get("data", {}))
+        assert pngs > 0 and len(re.findall(r'<img [^>]*src="data:image/png;base64,', text)) == pngs, page.name
+        assert text.count("border:2px solid #c00") == outputs(nb, is_banner), page.name
+        assert 'href="index.html"' in text
+        prev_next = re.findall(r'class="book-(prev|next)" href="([^"]+)"', text)
+        one_nav = ([("prev", pages[i - 1].name)] if i > 0 else []) + \
+            ([("next", pages[i + 1].name)] if i + 1 < len(pages) else [])
+        assert prev_next == 2 * one_nav, page.name  # the bar above the lesson and the one below
+    assert sum(outputs(json.loads(p.read_text(encoding="utf-8")), is_banner) for p in executed) > 0, \
+        "the smoke run shows no banner: the banner check above tested nothing"
+
+
+def local_file(url: str) -> Path | None:
+    parsed = urlparse(url)
+    return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
+    from playwright import sync_api
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "book_failure.png").unlink(missing_ok=True)  # only a failure of this run leaves one
+    index = smoke_book["index"]
+    pages = [index] + [smoke_book["out"] / (p.stem + ".html") for p in smoke_book["executed"]]
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1200, "height": 1400})
+        # offline, like a student's copy: only file: URLs load (the widget/require.js CDN scripts fail)
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                      else route.abort())
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(60_000)
+        cdp = context.new_cdp_session(page)
+        try:
+            for target in pages:
+                page.goto(target.as_uri(), wait_until="load")
+                assert page.title(), f"{target.name} has no title"
+                images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+                if target != index:
+                    assert images, f"{target.name} shows no figure"
+                assert all(done and width > 0 for done, width in images), f"{target.name}: a figure did not load {images}"
+                # every link inside the book resolves to a page that exists (and to an element, for #anchors)
+                hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+                for href in hrefs:
+                    file = local_file(href)
+                    if file is None:
+                        continue  # an http(s) link in the lesson text
+                    assert file.is_file(), f"{target.name} links to {href}, which does not exist"
+                    fragment = urlparse(href).fragment
+                    if fragment and file == target:
+                        assert page.locator(f"[id={json.dumps(fragment)}]").count(), f"{target.name}: no #{fragment}"
+                assert "index.html" in " ".join(hrefs) or target == index
+                assert_cjk_renders(page, cdp, target.name)
+                if target == index:
+                    page.screenshot(path=str(ARTIFACTS / "book_index.png"))
+            # the navigation works by clicking, too: index → lesson 1 → next → back to the index
+            page.goto(index.as_uri())
+            page.locator("a", has_text=re.compile(r"^01")).first.click()
+            page.wait_for_load_state()
+            assert local_file(page.url) == pages[1]
+            page.locator("nav.book-nav.top a.book-next").click()
+            page.wait_for_load_state()
+            assert local_file(page.url) == pages[2]
+            page.screenshot(path=str(ARTIFACTS / "book_lesson.png"), full_page=False)
+            details = page.locator("details.book-code").first
+            assert details.get_attribute("open") is not None
+            details.locator("summary").click()
+            assert details.get_attribute("open") is None, "clicking the summary did not fold the code cell"
+            page.locator("nav.book-nav.top a.book-home").click()
+            page.wait_for_load_state()
+            assert local_file(page.url) == index
+        except BaseException:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "book_failure.png"))
+            except Exception:
+                pass
+            raise
+        finally:
+            context.close()
+
+
+def assert_cjk_renders(page, cdp, name: str) -> None:
+    """No tofu: the page's own font for body text draws Chinese with a real CJK font (Chromium's list of
+    the platform fonts used for the first Chinese heading), and its characters are not all the same box."""
+    heading = page.locator("h1, h2").filter(has_text=re.compile(r"[\u4e00-\u9fff]")).first
+    assert heading.count(), f"{name} has no Chinese heading"
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    heading.evaluate("e => e.setAttribute('data-book-probe', '1')")
+    node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "[data-book-probe]"})["nodeId"]
+    fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    cjk = [f["familyName"] for f in fonts if re.search(r"CJK|Han|PingFang|YaHei|Hiragino|Heiti|WenQuanYi", f["familyName"], re.I)]
+    assert cjk, f"{name}: the Chinese heading is drawn with {fonts}, no CJK font (tofu boxes?)"
+    # tofu boxes all look alike: two different Chinese characters drawn in the heading's font must give
+    # different pixels, and neither may look like a character no font has
+    same = heading.evaluate("""(e, chars) => {
+        const family = getComputedStyle(e).fontFamily;
+        const draw = (ch) => {
+            const canvas = document.createElement('canvas');
+            canvas.width = canvas.height = 64;
+            const ctx = canvas.getContext('2d');
+            ctx.font = `48px ${family}`;
+            ctx.fillText(ch, 4, 52);
+            return Array.from(ctx.getImageData(0, 0, 64, 64).data).join(',');
+        };
+        const [a, b, missing] = chars.map(draw);
+        return {a_b: a === b, a_missing: a === missing, b_missing: b === missing, family};
+    }""", [CJK_SAMPLE[0], CJK_SAMPLE[1], MISSING_GLYPHS[0]])
+    assert not (same["a_b"] or same["a_missing"] or same["b_missing"]), \
+        f"{name}: Chinese characters are drawn as identical boxes in {same['family']} (tofu): {same}"
