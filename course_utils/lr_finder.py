@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .finetune import EpochPlan, Schedule, Stage, make_optimizer
 from . import precision
+from .finetune import EpochPlan, Schedule, Stage, make_optimizer
 from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
 
 SKIP_START = 0.1  # the first 10 % of the steps (the loss still settles at tiny rates) are not considered
