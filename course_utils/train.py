@@ -219,6 +219,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NonFiniteLossWatch:
+    """Finds the first batch of an epoch whose loss is NaN or infinite, for ``fit``'s ``TrainingDiverged``.
+
+    On the CPU the host checks each loss before its step (``check`` returns ``(batch, loss)`` at once): the
+    CPU computes synchronously, so this costs nothing. On CUDA, asking the host every step would wait for
+    the GPU each step and stall its queue. There, with a fused optimizer (``make_optimizer``'s AdamW), the
+    check stays on the device: the optimizer's ``found_inf`` (the flag ``torch.amp.GradScaler`` uses) is set
+    from the first bad batch on, and the fused step skips its update on the device, so the weights and the
+    optimizer state stay exactly those after the last good batch. The host looks every ``sync_every``
+    batches and at the end of the epoch (``first_bad``: one sync), so a diverged epoch stops at most
+    ``sync_every`` batches late; the BatchNorm running statistics of those extra forward passes are the only
+    difference from stopping at once. Without a fused optimizer (SGD; MPS) the host checks each step.
+    ``DEFER_ON``: the device types that check on the device.
+    """
+
+    DEFER_ON = ("cuda",)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, sync_every: int = 64):
+        self.optimizer, self.sync_every = optimizer, sync_every
+        self.defer = torch.device(device).type in self.DEFER_ON and bool(optimizer.defaults.get("fused"))
+        self.losses: list[torch.Tensor] = []
+        if self.defer:
+            self.found_inf = torch.zeros((), device=device)  # 1.0 from the first bad batch on
+            optimizer.found_inf = self.found_inf
+
+    def check(self, loss: torch.Tensor, batch: int) -> tuple[int, float] | None:
+        """Before the step of ``batch`` (0, 1, 2, ... in order): ``(batch, loss)`` if known to be bad, else None."""
+        if not self.defer:
+            return None if torch.isfinite(loss) else (batch, loss.item())
+        loss = loss.detach()
+        self.losses.append(loss)
+        self.found_inf.masked_fill_(~torch.isfinite(loss), 1.0)
+        return self.first_bad() if len(self.losses) % self.sync_every == 0 else None
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """``(batch, loss)`` of the epoch's first non-finite loss so far, or None."""
+        if not self.defer or self.found_inf.item() == 0:
+            return None
+        losses = torch.stack(self.losses).float().cpu()
+        batch = int((~torch.isfinite(losses)).nonzero()[0])
+        return batch, losses[batch].item()
+
+    def close(self) -> None:
+        """Unhook the optimizer (one with ``found_inf`` set skips every step while it is 1)."""
+        if self.defer and getattr(self.optimizer, "found_inf", None) is self.found_inf:
+            del self.optimizer.found_inf
+
+
 def _unfreeze_on_exit(fit_fn):
     """However ``fit`` ends — returned, diverged, or interrupted (Kernel → Interrupt) — no group is left
     frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval."""
@@ -292,6 +340,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         apply_epoch(model, opt, plan)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        watch, diverged = NonFiniteLossWatch(opt, device), None
         batches = tqdm(train_loader, desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False, disable=not progress)
         for i, (images, labels) in enumerate(batches):
             images = images.to(device, non_blocking=True)
@@ -303,17 +352,21 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             with _autocast(device, amp):
                 logits = step_model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
-                    else "no checkpoint was asked for"
-                raise TrainingDiverged(f"loss became {loss.item()} in epoch {plan.epoch} ({plan.stage}), batch {i}; "
-                                       f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
+            if (diverged := watch.check(loss, i)) is not None:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
+        diverged = diverged or watch.first_bad()
+        watch.close()
+        if diverged is not None:
+            kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
+                else "no checkpoint was asked for"
+            raise TrainingDiverged(f"loss became {diverged[1]} in epoch {plan.epoch} ({plan.stage}), batch {diverged[0]}; "
+                                   f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
         if seen == 0:
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")
         # The loss is checked before each step, so the last step of an epoch could still leave NaN/inf
