@@ -371,8 +371,9 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")
         # The loss is checked before each step, so the last step of an epoch could still leave NaN/inf
         # weights: never write those over the last good checkpoint.
-        bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
-                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        floats = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()  # one host sync, not one per tensor
+        bad = next((n for (n, _), ok in zip(floats, finite) if not ok), None)
         if bad is not None:
             kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
                 else "no checkpoint was asked for"
