@@ -15,9 +15,10 @@ Steps, in order of value, each with a time budget; a step that no longer fits is
 
 Writes ``<out>/figures.json`` (after every step, so a killed run still leaves its figures) and
 ``<out>/notebooks.tar.gz`` (the executed notebooks), then prints PASS/FAIL against ``TARGETS``.
-``--tiny``: the same steps on the CPU at tiny sizes (CI): the local copy is built from the shipped subset
-(its ``val/`` images held out), the CIFAR stem, the ``full`` preset of every notebook with papermill ``-p``
-size overrides. Exit status: 0 when every step that ran worked (targets missed or not), 1 otherwise.
+``--tiny``: the same steps on the CPU at tiny sizes (CI): the local copy is built from a tiny JPEG tar
+re-packed from the shipped subset (200 + 100 images, its ``val/`` images held out), the CIFAR stem, the
+``full`` preset of every notebook with papermill ``-p`` size overrides; no ``torch.compile`` steps.
+Exit status: 0 when every step that ran worked (targets missed or not), 1 otherwise.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ STEPS = ("setup", "bench", "schedule", "notebooks", "schedule_compiled", "bench_
 BUDGET = {"setup": (90, 5), "bench": (75, 30), "schedule": (150, 40), "notebooks": (480, 60),
           "schedule_compiled": (180, 60), "bench_compiled": (120, 45)}
 TINY = {  # sizes of --tiny, on the CPU
+    "jpeg_tar": {"train_per_class": 20, "val_per_class": 10},  # 200 + 100 images from the shipped subset
     "schedule": {"train_size": 128, "val_size": 64, "epochs": (1, 1, 1), "batch_size": 64},
     "bench": ["--images", "128", "--repeats", "1", "--batch-size", "64", "--workers", "0", "--no-lesson"],
     "notebook": {"TRAIN_SIZE": 64, "VAL_SIZE": 64, "BATCH_SIZE": 32, "EPOCHS": [1, 1, 1], "TUNE_EPOCHS": 1},
@@ -144,8 +146,9 @@ class Run:
 
         data_dir = self.work / "data"
         shipped = ROOT / "data" / cdata.SHIPPED_SUBSET
-        if self.tiny:
-            source = shipped
+        if self.tiny:  # a tiny JPEG tar re-packed from the shipped subset (bytes unchanged): quick evaluations
+            source = cdata.build_subset(shipped, self.work / "tiny-cifar10.tar.gz", **TINY["jpeg_tar"])
+            held_out_tar = source
         else:
             candidates = [Path(self.args.jpeg_tar)] if self.args.jpeg_tar else [
                 ROOT / ".gpu-data" / "cifar10-train-jpeg.tar.gz", ROOT.parent / "shared" / "data" /
@@ -154,19 +157,20 @@ class Run:
             if source is None:
                 raise FileNotFoundError(f"no CIFAR-10 JPEG tar at {', '.join(map(str, candidates))}: "
                                         f"run `bash .ci/gpu_prepare.sh` first and carry .gpu-data")
+            held_out_tar = shipped
         if data_dir.exists():
             shutil.rmtree(data_dir)
         data_dir.mkdir(parents=True)
         shutil.copy(shipped, data_dir / cdata.SHIPPED_SUBSET)
         start = time.monotonic()
-        built = cdata.build_local_copy(source, data_dir, held_out_tar=shipped)
+        built = cdata.build_local_copy(source, data_dir, held_out_tar=held_out_tar)
         build_s = time.monotonic() - start
         data = cdata.load_cifar10(data_dir, download=False)
         if not data.source.startswith("local copy"):
             raise RuntimeError(f"load_cifar10 did not use the local copy but {data.source}")
-        held_out = cdata.read_image_tar(shipped)["val"][0]
+        held_out = cdata.read_image_tar(held_out_tar)["val"][0]
         if sorted(map(bytes, data.val_images.flatten(1).numpy())) != sorted(map(bytes, held_out.flatten(1).numpy())):
-            raise RuntimeError("the local copy's validation images are not the shipped subset's val/ images")
+            raise RuntimeError(f"the local copy's validation images are not {held_out_tar.name}'s val/ images")
         kernel = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(self.work / "jupyter"),
                                  "--name", KERNEL, "--display-name", "Python 3 (course GPU run)"],
                                 env=self.env, capture_output=True, text=True)
@@ -214,6 +218,8 @@ class Run:
         executed = self.work / "executed"
         executed.mkdir(parents=True, exist_ok=True)
         env = dict(self.env, COURSE_PRESET="full")
+        # notebooks at once share the CPU cores rather than each taking them all
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.args.parallel)))
         pending = list(NOTEBOOKS)
         running: dict = {}
         results: dict = {}
@@ -351,7 +357,8 @@ def run_schedule(args) -> None:
     rate = sorted(history["images_per_s"])[len(history) // 2]
     result = {"seconds": round(seconds, 2), "epochs": schedule.epochs, "compile": args.compile,
               "train_images": len(data.train_labels), "val_images": len(data.val_labels), "data": data.source,
-              "batch_size": sizes["batch_size"], "stem": "cifar", "first_epoch_seconds": round(history.rows[0]["seconds"], 2),
+              "batch_size": sizes["batch_size"], "stem": "cifar",
+              "first_epoch_seconds": round(history.rows[0]["seconds"], 2),
               "median_train_images_per_s": round(rate), "final_val_acc": history["val_acc"][-1],
               "stages": history.stage_summary(), "torch": torch.__version__}
     if args.device == "cuda":

@@ -365,7 +365,8 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         if diverged is not None:
             kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
                 else "no checkpoint was asked for"
-            raise TrainingDiverged(f"loss became {diverged[1]} in epoch {plan.epoch} ({plan.stage}), batch {diverged[0]}; "
+            raise TrainingDiverged(f"loss became {diverged[1]} in epoch {plan.epoch} ({plan.stage}), "
+                                   f"batch {diverged[0]}; "
                                    f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
         if seen == 0:
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")

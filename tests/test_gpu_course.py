@@ -74,7 +74,8 @@ def test_tiny_run_builds_the_local_copy_runs_every_step_and_reports(tmp_path):
 
     setup = figures["steps"]["setup"]  # the real local-copy path: torchvision's layout, shipped val held out
     assert setup["load_cifar10"].startswith("local copy") and "cifar-10-batches-py" in setup["load_cifar10"]
-    assert (setup["train_images"], setup["val_images"]) == (5000, 1000)
+    sizes = driver.TINY["jpeg_tar"]
+    assert (setup["train_images"], setup["val_images"]) == (10 * sizes["train_per_class"], 10 * sizes["val_per_class"])
     assert sorted(p.name for p in (work / "data" / "cifar-10-batches-py").iterdir()) == [
         "batches.meta", "course_local_copy.json", *(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
 

@@ -11,7 +11,6 @@ import torch
 
 from _helpers import HookedLoader, random_images, reference_model
 from course_utils import data as cdata
-from course_utils import train
 from course_utils.finetune import Schedule, Stage
 from course_utils.train import NonFiniteLossWatch, TrainingDiverged, fit
 

@@ -75,7 +75,8 @@ def test_every_torch_load_says_weights_only():
     calls = list(torch_load_calls())
     assert calls, "expected torch.load calls in course_utils"
     for name, call in calls:
-        assert any(k.arg == "weights_only" for k in call.keywords), f"{name}:{call.lineno} torch.load without weights_only"
+        assert any(k.arg == "weights_only" for k in call.keywords), \
+            f"{name}:{call.lineno}: torch.load without weights_only"
 
 
 def test_torchvision_cifar10_has_what_the_local_copy_reader_replaces():
