@@ -354,7 +354,11 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch_randomness(self, epoch: int):
-        """``(order, dy, dx, flip)`` of one epoch, on the CPU: the same for the same seed and epoch."""
+        """``(order, dy, dx, flip)`` of one epoch, on the CPU: the same for the same seed and epoch.
+
+        Drawn on the CPU whatever the device, so CPU, CUDA and MPS runs see the same epochs (a CUDA generator
+        would draw other numbers); ~10 ms per epoch for 49,000 images, copied to the device once per epoch.
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=g)
