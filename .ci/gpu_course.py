@@ -389,7 +389,7 @@ def parse(argv=None):
     parser.add_argument("--parallel", type=int, default=None, help="notebooks at once (default 6 full, 1 tiny)")
     args = parser.parse_args(argv)
     if args.command is None:
-        args.budget = args.budget or (900 if args.tiny else 540)
+        args.budget = (900 if args.tiny else 540) if args.budget is None else args.budget
         args.parallel = args.parallel or (1 if args.tiny else 6)
     return args
 

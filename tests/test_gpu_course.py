@@ -60,6 +60,18 @@ def test_every_notebook_gets_full_and_only_parameters_its_cell_defines(tmp_path)
             assert driver.notebook_overrides(path, True, tmp_path)["TRAIN_SIZE"] <= 128
 
 
+def test_steps_that_no_longer_fit_are_skipped_with_a_note(tmp_path, capsys):
+    args = driver.parse(["--tiny", "--budget", "0", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                         "--steps", "setup,bench"])
+    assert driver.Run(args).main() == 0
+    figures = json.loads((tmp_path / "out" / "figures.json").read_text())
+    assert figures["steps"] == {} and [n.split(":")[0] for n in figures["notes"]] == ["setup", "bench"]
+    assert {v["verdict"] for v in figures["verdicts"]} == {"NOT MEASURED"}
+    assert "NOT MEASURED" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown steps"):
+        driver.Run(driver.parse(["--tiny", "--steps", "bench,train", "--out", str(tmp_path / "o2")])).main()
+
+
 @pytest.mark.slow
 def test_tiny_run_builds_the_local_copy_runs_every_step_and_reports(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
