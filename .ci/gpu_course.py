@@ -209,9 +209,13 @@ class Run:
         json_path = self.work / f"schedule{'_compiled' * compiled}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "_schedule", "--json", str(json_path),
                "--device", self.device] + ["--compile"] * compiled + ["--tiny"] * self.tiny
-        rc, seconds = self.subprocess(cmd, budget, self.work / f"schedule{'_compiled' * compiled}.log")
+        partial = json_path.with_suffix(".partial.json")
+        rc, seconds = self.subprocess(cmd + ["--partial", str(partial)], budget,
+                                      self.work / f"schedule{'_compiled' * compiled}.log")
         if rc != 0:
-            raise RuntimeError("timed out" if rc is None else f"the schedule run exited with {rc}")
+            done = json.loads(partial.read_text()) if partial.is_file() else {}
+            return {"error": ("timed out" if rc is None else f"the schedule run exited with {rc}")
+                    + f" after {done.get('epochs_done', 0)} epochs", "partial": done}
         return {**json.loads(json_path.read_text()), "wall_seconds": round(seconds, 1)}
 
     def notebooks(self, budget: float) -> dict:
@@ -349,9 +353,15 @@ def run_schedule(args) -> None:
     train_loader, val_loader = cdata.make_loaders(data, sizes["batch_size"], device=args.device)
     schedule = three_stage_schedule(epochs=sizes["epochs"])
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    def progress(history):  # what a run killed at its budget leaves: epochs done, and their seconds
+        Path(args.partial).write_text(json.dumps({"epochs_done": len(history), "of": schedule.epochs,
+                                                  "seconds_so_far": round(time.perf_counter() - start, 2),
+                                                  "epoch_seconds": [round(s, 2) for s in history["seconds"]]}))
+
     sync()
     start = time.perf_counter()
-    history = fit(model, schedule, train_loader, val_loader, device=args.device, progress=False, compile=args.compile)
+    history = fit(model, schedule, train_loader, val_loader, device=args.device, progress=False, compile=args.compile,
+                  on_epoch_end=progress if args.partial else None)
     sync()
     seconds = time.perf_counter() - start
     rate = sorted(history["images_per_s"])[len(history) // 2]
@@ -377,6 +387,7 @@ def parse(argv=None):
     one.add_argument("--device", default="cuda")
     one.add_argument("--compile", action="store_true")
     one.add_argument("--tiny", action="store_true")
+    one.add_argument("--partial", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (CI)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all steps (default 540 full: a 600 s device call; 900 tiny)")
