@@ -384,16 +384,16 @@ def batch_to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.de
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
-               amp: bool, label_smoothing: float = 0.0, check_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
+               amp: bool, label_smoothing: float = 0.0, check_loss=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One optimizer step of ``fit`` on a batch already on the model's device: forward under autocast,
-    cross-entropy, ``check_loss(loss)`` (``fit``'s NaN/inf check; it may raise before anything is
-    updated), backward, step. Returns ``(loss, logits)``. :func:`course_utils.lr_finder.lr_find` takes
-    the same step."""
+    cross-entropy, ``check_loss(loss)`` (``fit``'s NaN/inf check, :class:`NonFiniteLossWatch`: when it
+    returns something other than None, the step is not taken and ``train_step`` returns None), backward,
+    step. Returns ``(loss, logits)``. :func:`course_utils.lr_finder.lr_find` takes the same step."""
     with _autocast(images.device, amp):
         logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    if check_loss is not None:
-        check_loss(loss)
+    if check_loss is not None and check_loss(loss) is not None:
+        return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -403,6 +403,57 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+class NonFiniteLossWatch:
+    """Finds the first batch of an epoch whose loss is NaN or infinite, for ``fit``'s ``TrainingDiverged``.
+
+    On the CPU the host checks each loss before its step (``check`` returns ``(batch, loss)`` at once): the
+    CPU computes synchronously, so this costs nothing. On CUDA, asking the host every step would wait for
+    the GPU each step and stall its queue. There, with a fused optimizer (``make_optimizer``'s AdamW), the
+    check stays on the device: the optimizer's ``found_inf`` (the flag ``torch.amp.GradScaler`` uses) is set
+    from the first bad batch on, and the fused step skips its update on the device, so the weights and the
+    optimizer state stay exactly those after the last good batch. The host looks every ``sync_every``
+    batches and at the end of the epoch (``first_bad``: one sync), so a diverged epoch stops at most
+    ``sync_every`` batches late; the BatchNorm running statistics of those extra forward passes are the only
+    difference from stopping at once. Without a fused optimizer (SGD; MPS) the host checks each step.
+    ``DEFER_ON``: the device types that check on the device.
+    """
+
+    DEFER_ON = ("cuda",)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, sync_every: int = 64):
+        self.optimizer, self.sync_every = optimizer, sync_every
+        self.defer = torch.device(device).type in self.DEFER_ON and bool(optimizer.defaults.get("fused"))
+        self.losses: list[torch.Tensor] = []
+        self.found: tuple[int, float] | None = None  # what the last check returned
+        if self.defer:
+            self.found_inf = torch.zeros((), device=device)  # 1.0 from the first bad batch on
+            optimizer.found_inf = self.found_inf
+
+    def check(self, loss: torch.Tensor, batch: int) -> tuple[int, float] | None:
+        """Before the step of ``batch`` (0, 1, 2, ... in order): ``(batch, loss)`` if known to be bad, else None."""
+        if not self.defer:
+            self.found = None if torch.isfinite(loss) else (batch, loss.item())
+            return self.found
+        loss = loss.detach()
+        self.losses.append(loss)
+        self.found_inf.masked_fill_(~torch.isfinite(loss), 1.0)
+        self.found = self.first_bad() if len(self.losses) % self.sync_every == 0 else None
+        return self.found
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """``(batch, loss)`` of the epoch's first non-finite loss so far, or None."""
+        if not self.defer or self.found_inf.item() == 0:
+            return None
+        losses = torch.stack(self.losses).float().cpu()
+        batch = int((~torch.isfinite(losses)).nonzero()[0])
+        return batch, losses[batch].item()
+
+    def close(self) -> None:
+        """Unhook the optimizer (one with ``found_inf`` set skips every step while it is 1)."""
+        if self.defer and getattr(self.optimizer, "found_inf", None) is self.found_inf:
+            del self.optimizer.found_inf
 
 
 def _unfreeze_on_exit(fit_fn):
@@ -510,30 +561,36 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         start_epoch(model, opt, plan)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        watch, diverged = NonFiniteLossWatch(opt, device), None
         for i, (images, labels) in enumerate(batches):
             images, labels = batch_to_device(images, labels, device, channels_last)
             if amp is None:  # decided by the first batch's size (see default_amp)
                 amp = default_amp(device, images.shape[-2:], model, channels_last)
-
-            def check_loss(loss):  # called at once, before backward (i, plan: this batch)
-                if not torch.isfinite(loss):
-                    kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
-                        else "no checkpoint was asked for"
-                    raise TrainingDiverged(f"loss became {loss.item()} in epoch {plan.epoch} ({plan.stage}), "
-                                           f"batch {i}; {kept}. Lower the learning rate of this stage ({plan.lr}).")
-
-            loss, logits = train_step(step_model, opt, images, labels, amp=amp, label_smoothing=label_smoothing,
-                                      check_loss=check_loss)
+            step = train_step(step_model, opt, images, labels, amp=amp, label_smoothing=label_smoothing,
+                              check_loss=lambda loss: watch.check(loss, i))
+            if step is None:  # a NaN/inf loss: this step was not taken
+                diverged = watch.found
+                break
+            loss, logits = step
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
+        diverged = diverged or watch.first_bad()
+        watch.close()
+        if diverged is not None:
+            kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
+                else "no checkpoint was asked for"
+            raise TrainingDiverged(f"loss became {diverged[1]} in epoch {plan.epoch} ({plan.stage}), "
+                                   f"batch {diverged[0]}; "
+                                   f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
         if seen == 0:
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch? "
                              "(A generator gives its batches only once: pass a loader or a list.)")
         # The loss is checked before each step, so the last step of an epoch could still leave NaN/inf
         # weights: never write those over the last good checkpoint.
-        bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
-                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        floats = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()  # one host sync, not one per tensor
+        bad = next((n for (n, _), ok in zip(floats, finite) if not ok), None)
         if bad is not None:
             kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
                 else "no checkpoint was asked for"
