@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .finetune import Schedule, apply_epoch, make_optimizer
+from .finetune import Schedule, apply_epoch, check_bn_policy, make_optimizer, recalibrate_bn, recalibration_groups
 
 COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
 
@@ -238,7 +238,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         weight_decay: float = 1e-2, optimizer: str = "adamw", label_smoothing: float = 0.0,
         amp: bool | None = None, channels_last: bool | None = None, compile: bool = False,
-        on_epoch_end=None) -> History:
+        on_epoch_end=None, bn_policy: str = "train", bn_batches: int = 16) -> History:
     """Train ``model`` through ``schedule``; returns the :class:`History` (one row per epoch).
 
     ``train_loader``/``val_loader``: any iterables of ``(images, labels)`` batches (a ``set_epoch``
@@ -249,18 +249,25 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     inputs of at least 32×32).
     ``channels_last`` (default: :func:`default_channels_last` — on CUDA, and for ResNets on the CPU). ``compile``: ``torch.compile`` the model.
     ``on_epoch_end(history)`` is called after each epoch (live plots).
+    ``bn_policy``: what BatchNorm does in the stages that do not set their own ``bn`` — ``"train"``,
+    ``"frozen"`` or ``"recalibrate"`` (see :mod:`course_utils.finetune`); a recalibration uses
+    ``bn_batches`` training batches and is recorded in ``history.meta["bn_recalibrations"]``.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device else default_device()
     plans = schedule.plan_for(model)  # validates the schedule against this model before any training
+    check_bn_policy(bn_policy)
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches <= 0:
+        raise ValueError(f"bn_batches must be a positive whole number of batches, got {bn_batches!r}")
     if channels_last is None:
         channels_last = default_channels_last(model, device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     opt = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
-    history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device)})
+    history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device),
+                            "bn_policy": bn_policy, "bn_batches": bn_batches})
 
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint and checkpoint.exists():
@@ -277,6 +284,10 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"checkpoint {checkpoint} belongs to another model: {err}") from err
         history = state["history"]
+        saved_bn = (history.meta.get("bn_policy", "train"), history.meta.get("bn_batches", bn_batches))
+        if saved_bn != (bn_policy, bn_batches):
+            raise CheckpointError(f"checkpoint {checkpoint} was written with bn_policy={saved_bn[0]!r}, "
+                                  f"bn_batches={saved_bn[1]}; resume with those or use another path")
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -286,10 +297,15 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     step_model = torch.compile(model) if compile else model
     epochs = tqdm(plans, desc="epochs", disable=not progress, initial=len(history), total=len(plans))
     for plan in plans[len(history):]:
+        recalibrate = recalibration_groups(model, plans, plan.epoch, bn_policy)
+        if recalibrate:  # BatchNorm policy "recalibrate": before the stage's first step
+            done = recalibrate_bn(model, recalibrate, train_loader, bn_batches, epoch=plan.epoch, device=device,
+                                  channels_last=channels_last)
+            history.meta.setdefault("bn_recalibrations", []).append({"epoch": plan.epoch, "stage": plan.stage, **done})
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(plan.epoch)
         model.train()
-        apply_epoch(model, opt, plan)
+        apply_epoch(model, opt, plan, bn_policy)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         batches = tqdm(train_loader, desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False, disable=not progress)
