@@ -226,14 +226,22 @@ def bn_policy_study(cifar, *, start: str = "random", policies: Sequence[str] = B
             history = fit(model, schedule, train_loader, val_loader, bn_policy=policy, bn_batches=bn_batches,
                           progress=progress, device=device)
             histories[policy, seed] = history
-            row = {"start": start, "policy": policy, "seed": seed}
-            for i, jump in enumerate(boundary_jumps(history), start=2):
-                row[f"jump{i}_loss"], row[f"jump{i}_acc"] = jump["train_loss_jump"], jump["val_acc_jump"]
-            for i, summary in enumerate(history.stage_summary(), start=1):
-                row[f"acc{i}"] = summary["val_acc"]
-            row["recal_s"] = sum(r["seconds"] for r in history.meta.get("bn_recalibrations", []))
-            rows.append(row)
+            rows.append({"start": start, "policy": policy, "seed": seed, **policy_row(history)})
     return rows, histories
+
+
+def policy_row(history: History) -> dict:
+    """One run's numbers for a BatchNorm-policy table: the jump at each stage boundary (``jump2_loss``,
+    ``jump2_acc``, …: training loss and validation accuracy, first epoch of the stage minus the last of the
+    stage before), the validation accuracy at the end of each stage (``acc1``, …; the last = final) and the
+    seconds spent recalibrating (``recal_s``)."""
+    row = {}
+    for i, jump in enumerate(boundary_jumps(history), start=2):
+        row[f"jump{i}_loss"], row[f"jump{i}_acc"] = jump["train_loss_jump"], jump["val_acc_jump"]
+    for i, summary in enumerate(history.stage_summary(), start=1):
+        row[f"acc{i}"] = summary["val_acc"]
+    row["recal_s"] = sum(r["seconds"] for r in history.meta.get("bn_recalibrations", []))
+    return row
 
 
 def summarize_study(rows: Sequence[Mapping]) -> list[dict]:

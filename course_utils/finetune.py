@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import group_modules, group_names, layer_groups
+from .models import group_modules, group_names, group_of, layer_groups
 
 ALIASES = ("new", "pretrained", "all")
 BN_POLICIES = ("train", "frozen", "recalibrate")
@@ -383,3 +383,60 @@ def recalibrate_bn(model: nn.Module, groups: Collection[str], loader, num_batche
         model.eval()
     return {"groups": list(groups), "layers": len(layers), "batches": len(batches), "images": images_seen,
             "seconds": time.perf_counter() - start}
+
+
+def with_bn(schedule: Schedule, policy: str) -> Schedule:
+    """``schedule`` with every stage's BatchNorm policy set to ``policy`` (one line in a strategy table)."""
+    check_bn_policy(policy)
+    return Schedule([Stage(s.name, s.epochs, s.trainable, s.lr, policy) for s in schedule.stages])
+
+
+def bn_statistics(model: nn.Module, images: torch.Tensor, groups: Collection[str] | None = None) -> list[dict]:
+    """Per BatchNorm layer (of ``groups``, default all): its stored statistics against those of ``images``.
+
+    One forward pass in eval mode under ``torch.no_grad`` (nothing changes); each row has the layer, its
+    group, the channel averages of the stored ``running_mean`` / ``running_var`` and of the batch's mean /
+    variance of the layer's input, and ``var ratio`` = batch / stored variance (1 = the stored statistics
+    fit these images; ≪ 1: eval mode divides by too large a variance and shrinks the features).
+    """
+    was_training = model.training
+    model.eval()
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (groups is None or group_of(model, name) in groups)}
+    batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args, name=name: batch.__setitem__(name, (args[0].float().mean(dim=(0, 2, 3)),
+                                                            args[0].float().var(dim=(0, 2, 3)))))
+        for name, m in found.items()]
+    try:
+        with torch.no_grad():
+            model(images.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    rows = []
+    for name, m in found.items():
+        mean, var = batch[name]
+        rows.append({"layer": name, "group": group_of(model, name),
+                     "stored mean": m.running_mean.float().mean().item(), "batch mean": mean.mean().item(),
+                     "stored var": m.running_var.float().mean().item(), "batch var": var.mean().item(),
+                     "var ratio": (var / m.running_var.float()).mean().item()})
+    return rows
+
+
+def bn_switch_effect(model: nn.Module, images: torch.Tensor, groups: Collection[str] | None = None) -> float:
+    """How much the logits change (relative L2, ‖train − eval‖ / ‖eval‖) when the BatchNorm layers of
+    ``groups`` (default all) use the batch's statistics instead of the stored ones — what unfreezing them
+    does at a stage boundary. Works on a copy: the model and its statistics are left as they are."""
+    import copy
+
+    probe = copy.deepcopy(model).eval()
+    images = images.to(next(probe.parameters()).device)
+    with torch.no_grad():
+        eval_logits = probe(images).float()
+        for name, m in probe.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (groups is None or group_of(probe, name) in groups):
+                m.train()
+        batch_logits = probe(images).float()
+    return ((batch_logits - eval_logits).norm() / eval_logits.norm()).item()

@@ -365,3 +365,34 @@ def test_boundary_jumps_read_the_history(runs):
     assert [j["epoch"] for j in jumps] == [2, 4]
     assert jumps[0]["train_loss_jump"] == rows[1]["train_loss"] - rows[0]["train_loss"]
     assert jumps[1]["val_acc_jump"] == rows[3]["val_acc"] - rows[2]["val_acc"]
+
+
+def test_with_bn_sets_every_stage():
+    schedule = finetune.with_bn(reference_schedule(), "frozen")
+    assert [s.bn for s in schedule.stages] == ["frozen"] * 3
+    assert [(s.name, s.epochs, s.trainable, s.lr) for s in schedule.stages] == \
+        [(s.name, s.epochs, s.trainable, s.lr) for s in reference_schedule().stages]
+    with pytest.raises(ValueError, match="bn_policy must be one of"):
+        finetune.with_bn(reference_schedule(), "off")
+
+
+def test_bn_statistics_and_switch_effect_measure_without_changing_the_model(resnet18_state_file):
+    model = reference_model(resnet18_state_file).train()
+    images = random_images(32, seed=4)[0].float().div(255).sub(0.5)
+    before = state_of(model)
+    rows = finetune.bn_statistics(model, images, ["layer3"])
+    assert [r["layer"] for r in rows] == [n for n, m in model.named_modules()
+                                          if isinstance(m, torch.nn.BatchNorm2d) and n.startswith("layer3")]
+    first = model.get_submodule(rows[0]["layer"])
+    x = {}
+    handle = first.register_forward_pre_hook(lambda m, args: x.setdefault("in", args[0]))
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    assert rows[0]["stored var"] == pytest.approx(first.running_var.mean().item())
+    assert rows[0]["batch var"] == pytest.approx(x["in"].var(dim=(0, 2, 3)).mean().item(), rel=1e-5)
+    assert rows[0]["var ratio"] == pytest.approx((x["in"].var(dim=(0, 2, 3)) / first.running_var).mean().item(), rel=1e-5)
+    effect = finetune.bn_switch_effect(model, images)
+    assert effect > 0 and finetune.bn_switch_effect(model, images, groups=["head"]) == 0.0  # the head has no BN
+    assert differing(before, state_of(model)) == [] and model.training
