@@ -262,3 +262,35 @@ def summarize_study(rows: Sequence[Mapping]) -> list[dict]:
             summary[key] = f"{mean:+.3f} ± {spread:.3f}" if "jump" in key else f"{mean:.3f} ± {spread:.3f}"
         out.append(summary)
     return out
+
+
+def compare_bn_policies(model_fn: Callable[[], object], schedule: Schedule, train_loader, val_loader, *,
+                        policies: Sequence[str] = BN_POLICIES, seed: int = 0, probe=None, layer: str | None = None,
+                        **fit_kwargs) -> tuple[dict, dict]:
+    """``schedule`` once per BatchNorm policy from ``model_fn()`` (after ``seed_everything(seed)``, so every
+    policy starts from the same weights and sees the same batches).
+
+    With ``probe`` (a batch of images) and ``layer`` (a BatchNorm's name, e.g. ``"layer3.0.bn1"``), that
+    layer's stored and batch statistics (:func:`~course_utils.finetune.bn_statistics`) are recorded before
+    training and after every epoch. Returns ``({policy: History}, {policy: [row per epoch, from epoch 0]})``.
+    """
+    from .finetune import bn_statistics
+
+    histories, stats = {}, {}
+    for policy in policies:
+        seed_everything(seed)
+        model = model_fn()
+        rows = stats[policy] = []
+
+        def record(history, model=model, rows=rows):
+            if probe is not None and layer is not None:
+                group = next(r for r in bn_statistics(model, probe) if r["layer"] == layer)
+                rows.append({"epoch": len(history) if history is not None else 0,
+                             "stage": history.rows[-1]["stage"] if history is not None else "(start)", **group})
+
+        record(None)
+        user_hook = fit_kwargs.pop("on_epoch_end", None)
+        histories[policy] = fit(model, schedule, train_loader, val_loader, bn_policy=policy,
+                                on_epoch_end=lambda h, record=record: (record(h), user_hook and user_hook(h)),
+                                **fit_kwargs)
+    return histories, stats
