@@ -60,6 +60,11 @@ class Stage:
     lr: float | Mapping[str, float]
     bn: str | None = None
 
+    def __repr__(self):  # bn only where set: a schedule prints as it did before BatchNorm policies
+        bn = "" if self.bn is None else f", bn={self.bn!r}"
+        return (f"Stage(name={self.name!r}, epochs={self.epochs!r}, trainable={self.trainable!r}, "
+                f"lr={self.lr!r}{bn})")
+
     def __post_init__(self):
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
         object.__setattr__(self, "trainable", trainable)
