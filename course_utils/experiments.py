@@ -6,6 +6,10 @@ as JSON under ``results/<preset>/<name>-<hash>.json`` — the hash covers the ru
 its ``config`` (sizes, seed, model options…), so changing any of them trains afresh — and reloads the file
 when it is there, saying so.
 
+:func:`bn_policy_study` trains the course's three-stage schedule once per BatchNorm policy and seed, from
+random weights or from a plain ResNet18 first trained on the same images (a backbone with real BatchNorm
+statistics), and measures the jump at each stage boundary; :func:`summarize_study` gives means ± spread.
+
 :func:`resolve_config` sizes a notebook: the generic preset, then the notebook's own preset table, then
 the ``parameters`` cell's values that are not ``None`` (papermill ``-p``).
 """
@@ -15,11 +19,13 @@ import hashlib
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .finetune import Schedule
-from .models import layer_groups
+from . import data as cdata
+from .finetune import BN_POLICIES, Schedule, three_stage_schedule
+from .models import layer_groups, resnet18_cbam, transplant
 from .presets import check_sizes, preset_name, resolve
 from .train import History, check_writable, fit, seed_everything
 
@@ -61,6 +67,13 @@ def run_path(name: str, schedule: Schedule, results_dir: str | os.PathLike, conf
     return Path(results_dir) / f"{slug}-{config_hash(key)}.json"
 
 
+def _with_fit_options(config: Mapping, fit_kwargs: Mapping) -> dict:
+    """``config`` plus the BatchNorm options given to ``fit``, when set (so the file name changes with them;
+    runs without them keep their earlier names)."""
+    chosen = {k: fit_kwargs[k] for k in ("bn_policy", "bn_batches") if k in fit_kwargs}
+    return {**config, "fit": chosen} if chosen else dict(config)
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.relative_to(RESULTS_ROOT.parent))
@@ -84,7 +97,7 @@ def run_cached(name: str, build_model: Callable[[], object], schedule: Schedule,
     ``fit_kwargs`` go to :func:`~course_utils.train.fit`. The History's ``meta`` keeps ``name``,
     ``config``, ``total_params`` and ``trainable_params`` (per epoch).
     """
-    path = run_path(name, schedule, results_dir, config)
+    path = run_path(name, schedule, results_dir, _with_fit_options(config, fit_kwargs))
     if path.exists() and not retrain:
         history = History.load(path)
         print(f"{name}: loaded {_shown(path)} (trained earlier; delete it or pass retrain=True to train again)")
@@ -155,3 +168,130 @@ def print_table(rows: Sequence[Mapping], title: str | None = None, floatfmt: str
     if title:
         print(title)
     print(format_table(rows, floatfmt))
+
+
+# ------------------------------------------------------------------------------ BatchNorm policies
+def train_backbone(train_loader, val_loader=None, *, epochs: int = 3, lr: float = 1e-3, seed: int = 0,
+                   stem: str = "imagenet", progress: bool = False, **fit_kwargs):
+    """A plain ResNet18 (no CBAM) trained from random weights on ``train_loader``: a backbone whose
+    BatchNorm statistics are real (estimated on these images), the stand-in for pretrained weights offline."""
+    seed_everything(seed)
+    plain = resnet18_cbam(weights=None, placement=None, stem=stem)
+    fit(plain, Schedule.from_dict([{"name": "backbone", "epochs": epochs, "trainable": ["all"], "lr": lr}]),
+        train_loader, val_loader, progress=progress, **fit_kwargs)
+    return plain
+
+
+def boundary_jumps(history: History) -> list[dict]:
+    """Per stage after the first: how the epoch-mean training loss and the validation accuracy changed
+    from the last epoch of the stage before to the first epoch of this one (a dip: loss up, accuracy down)."""
+    rows, by_epoch = [], {r["epoch"]: r for r in history.rows}
+    for stage, first, _ in history.stages()[1:]:
+        before, after = by_epoch[first - 1], by_epoch[first]
+        rows.append({"stage": stage, "epoch": first, "train_loss_jump": after["train_loss"] - before["train_loss"],
+                     "val_acc_jump": None if after["val_acc"] is None else after["val_acc"] - before["val_acc"]})
+    return rows
+
+
+def bn_policy_study(cifar, *, start: str = "random", policies: Sequence[str] = BN_POLICIES,
+                    seeds: Sequence[int] = (0, 1, 2), epochs: Sequence[int] = (2, 2, 2),
+                    lrs: Sequence[float] = (1e-3, 1e-4, 1e-5), batch_size: int = 128, backbone_epochs: int = 3,
+                    backbone_lr: float = 1e-3, bn_batches: int = 16, stem: str = "imagenet", device=None,
+                    progress: bool = False) -> tuple[list[dict], dict]:
+    """The course's three-stage schedule under each BatchNorm policy, for each seed, on ``cifar`` (CifarData).
+
+    ``start``: ``"random"`` (random weights, as offline) or ``"trained"`` (a plain ResNet18 trained first for
+    ``backbone_epochs`` on the same training images, :func:`train_backbone`, moved into the CBAM model with
+    :func:`~course_utils.models.transplant`: real BatchNorm statistics). Every policy of one seed starts from
+    the same weights and sees the same batches. Returns ``(rows, histories)``: one row per (policy, seed) —
+    the jump at each boundary (``jump2_loss``, ``jump2_acc``, ``jump3_…``), the validation accuracy at the
+    end of each stage (``acc1``, ``acc2``, ``acc3`` = final) and the recalibration seconds — and
+    ``{(policy, seed): History}``.
+    """
+    if start not in ("random", "trained"):
+        raise ValueError(f"start must be 'random' or 'trained', got {start!r}")
+    schedule = three_stage_schedule(epochs=tuple(epochs), lrs=tuple(lrs))
+    rows, histories = [], {}
+    for seed in seeds:
+        train_loader, val_loader = cdata.make_loaders(cifar, batch_size, seed=seed, device=device)
+        backbone = None
+        if start == "trained":
+            backbone = train_backbone(train_loader, val_loader, epochs=backbone_epochs, lr=backbone_lr, seed=seed,
+                                      stem=stem, progress=progress, device=device)
+        for policy in policies:
+            seed_everything(seed)
+            model = resnet18_cbam(weights=None, placement="stage", stem=stem)
+            if backbone is not None:
+                left = transplant(backbone, model)
+                assert all("cbam" in k.split(".") for k in left), left
+            history = fit(model, schedule, train_loader, val_loader, bn_policy=policy, bn_batches=bn_batches,
+                          progress=progress, device=device)
+            histories[policy, seed] = history
+            rows.append({"start": start, "policy": policy, "seed": seed, **policy_row(history)})
+    return rows, histories
+
+
+def policy_row(history: History) -> dict:
+    """One run's numbers for a BatchNorm-policy table: the jump at each stage boundary (``jump2_loss``,
+    ``jump2_acc``, …: training loss and validation accuracy, first epoch of the stage minus the last of the
+    stage before), the validation accuracy at the end of each stage (``acc1``, …; the last = final) and the
+    seconds spent recalibrating (``recal_s``)."""
+    row = {}
+    for i, jump in enumerate(boundary_jumps(history), start=2):
+        row[f"jump{i}_loss"], row[f"jump{i}_acc"] = jump["train_loss_jump"], jump["val_acc_jump"]
+    for i, summary in enumerate(history.stage_summary(), start=1):
+        row[f"acc{i}"] = summary["val_acc"]
+    row["recal_s"] = sum(r["seconds"] for r in history.meta.get("bn_recalibrations", []))
+    return row
+
+
+def summarize_study(rows: Sequence[Mapping]) -> list[dict]:
+    """Per (start, policy): each numeric column of :func:`bn_policy_study`'s rows as ``"mean ± std"`` over seeds
+    (sample standard deviation; ``± 0`` for one seed), and ``n`` seeds."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault((row["start"], row["policy"]), []).append(row)
+    out = []
+    for (start, policy), sel in groups.items():
+        summary = {"start": start, "policy": policy, "n": len(sel)}
+        for key in sel[0]:
+            if key in ("start", "policy", "seed") or key == "recal_s":
+                continue
+            values = [r[key] for r in sel if r.get(key) is not None]
+            mean = statistics.fmean(values)
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[key] = f"{mean:+.3f} ± {spread:.3f}" if "jump" in key else f"{mean:.3f} ± {spread:.3f}"
+        out.append(summary)
+    return out
+
+
+def compare_bn_policies(model_fn: Callable[[], object], schedule: Schedule, train_loader, val_loader, *,
+                        policies: Sequence[str] = BN_POLICIES, seed: int = 0, probe=None, layer: str | None = None,
+                        **fit_kwargs) -> tuple[dict, dict]:
+    """``schedule`` once per BatchNorm policy from ``model_fn()`` (after ``seed_everything(seed)``, so every
+    policy starts from the same weights and sees the same batches).
+
+    With ``probe`` (a batch of images) and ``layer`` (a BatchNorm's name, e.g. ``"layer3.0.bn1"``), that
+    layer's stored and batch statistics (:func:`~course_utils.finetune.bn_statistics`) are recorded before
+    training and after every epoch. Returns ``({policy: History}, {policy: [row per epoch, from epoch 0]})``.
+    """
+    from .finetune import bn_statistics
+
+    histories, stats = {}, {}
+    for policy in policies:
+        seed_everything(seed)
+        model = model_fn()
+        rows = stats[policy] = []
+
+        def record(history, model=model, rows=rows):
+            if probe is not None and layer is not None:
+                group = next(r for r in bn_statistics(model, probe) if r["layer"] == layer)
+                rows.append({"epoch": len(history) if history is not None else 0,
+                             "stage": history.rows[-1]["stage"] if history is not None else "(start)", **group})
+
+        record(None)
+        user_hook = fit_kwargs.pop("on_epoch_end", None)
+        histories[policy] = fit(model, schedule, train_loader, val_loader, bn_policy=policy,
+                                on_epoch_end=lambda h, record=record: (record(h), user_hook and user_hook(h)),
+                                **fit_kwargs)
+    return histories, stats

@@ -49,12 +49,21 @@ def shade_stages(ax, source, label: bool = True) -> None:
                     fontsize=8)
 
 
+def mark_recalibrations(ax, history, label: bool = True) -> None:
+    """A dashed vertical line where ``fit`` re-estimated BatchNorm statistics (before that epoch's first step)."""
+    for i, rec in enumerate(getattr(history, "meta", {}).get("bn_recalibrations", [])):
+        ax.axvline(rec["epoch"] - 0.5, color="0.35", ls="--", lw=1, zorder=1,
+                   label="BN recalibrated" if label and i == 0 else None)
+
+
 def plot_history(history, title: str | None = None):
-    """Loss and accuracy, train and validation, per epoch, with the stages shaded."""
+    """Loss and accuracy, train and validation, per epoch, with the stages shaded (and BatchNorm
+    recalibrations dashed)."""
     fig, (ax_loss, ax_acc) = _figure(2)
     epochs = history["epoch"]
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         shade_stages(ax, history)
+        mark_recalibrations(ax, history)
         ax.plot(epochs, history[f"train_{key}"], "o-", label="train", ms=3)
         if any(v is not None for v in history[f"val_{key}"]):
             ax.plot(epochs, history[f"val_{key}"], "s-", label="val", ms=3)
@@ -237,5 +246,26 @@ def plot_comparison(histories: Mapping[str, object], metric: str = "val_acc", ti
         ax_bar.text(v, i, f" {v:.3f}", va="center", fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(histories: Mapping[str, object], metrics: Sequence[str] = ("train_loss", "val_acc"),
+              title: str | None = None):
+    """Runs of the same schedule side by side: one panel per metric, one line per run, the stages shaded
+    (from the first run) and each run's BatchNorm recalibrations dashed in its colour."""
+    fig, axes = _figure(len(metrics))
+    first = next(iter(histories.values()))
+    for ax, metric in zip(axes, metrics):
+        shade_stages(ax, first)
+        for i, (name, history) in enumerate(histories.items()):
+            ax.plot(history["epoch"], history[metric], "o-", ms=3, color=f"C{i}", label=name)
+            for rec in getattr(history, "meta", {}).get("bn_recalibrations", []):
+                ax.axvline(rec["epoch"] - 0.5, color=f"C{i}", ls="--", lw=1, zorder=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, y=1.04)
     fig.tight_layout()
     return fig

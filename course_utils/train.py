@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import precision
-from .finetune import Schedule, apply_epoch, make_optimizer
+from .finetune import Schedule, apply_epoch, check_bn_policy, make_optimizer, recalibrate_bn, recalibration_groups
 from .precision import native_bf16  # noqa: F401  (train.native_bf16, as before)
 
 COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
@@ -367,11 +367,11 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | 
     return channels_last
 
 
-def start_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan) -> None:
+def start_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan, bn_policy: str = "train") -> None:
     """Per-epoch setup of ``fit`` (and of :func:`course_utils.lr_finder.lr_find`): training mode, then the
-    plan's learning rates and freezing (:func:`~course_utils.finetune.apply_epoch`)."""
+    plan's learning rates, freezing and BatchNorm policy (:func:`~course_utils.finetune.apply_epoch`)."""
     model.train()
-    apply_epoch(model, optimizer, plan)
+    apply_epoch(model, optimizer, plan, bn_policy)
 
 
 def batch_to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
@@ -499,7 +499,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         weight_decay: float = 1e-2, optimizer: str = "adamw", label_smoothing: float = 0.0,
         amp: bool | None = None, channels_last: bool | None = None, compile: bool = False,
-        on_epoch_end=None) -> History:
+        on_epoch_end=None, bn_policy: str = "train", bn_batches: int = 16) -> History:
     """Train ``model`` through ``schedule``; returns the :class:`History` (one row per epoch).
 
     ``train_loader``/``val_loader``: any iterables of ``(images, labels)`` batches (a ``set_epoch``
@@ -513,15 +513,22 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     of at least 32×32, where a short measurement cached per machine finds it faster; ``COURSE_AMP``).
     ``channels_last`` (default: :func:`default_channels_last` — on CUDA, and for ResNets on the CPU). ``compile``: ``torch.compile`` the model.
     ``on_epoch_end(history)`` is called after each epoch (live plots).
+    ``bn_policy``: what BatchNorm does in the stages that do not set their own ``bn`` — ``"train"``,
+    ``"frozen"`` or ``"recalibrate"`` (see :mod:`course_utils.finetune`); a recalibration uses
+    ``bn_batches`` training batches and is recorded in ``history.meta["bn_recalibrations"]``.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device else default_device()
     plans = schedule.plan_for(model)  # validates the schedule against this model before any training
+    check_bn_policy(bn_policy)
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches <= 0:
+        raise ValueError(f"bn_batches must be a positive whole number of batches, got {bn_batches!r}")
     channels_last = prepare_model(model, device, channels_last, precision.loader_image_size(train_loader),
                                   getattr(train_loader, "batch_size", None))
     opt = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
-    history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device)})
+    history = History(meta={"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device),
+                            "bn_policy": bn_policy, "bn_batches": bn_batches})
 
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint:
@@ -540,6 +547,10 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"checkpoint {checkpoint} belongs to another model: {err}") from err
         history = state["history"]
+        saved_bn = (history.meta.get("bn_policy", "train"), history.meta.get("bn_batches", bn_batches))
+        if saved_bn != (bn_policy, bn_batches):
+            raise CheckpointError(f"checkpoint {checkpoint} was written with bn_policy={saved_bn[0]!r}, "
+                                  f"bn_batches={saved_bn[1]}; resume with those or use another path")
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -558,7 +569,12 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         # tqdm gets an iterator and the length: given the loader itself, tqdm.auto iterates it twice (tqdm #1598)
         batches = tqdm(batches, total=_length(train_loader), desc=f"epoch {plan.epoch} [{plan.stage}]", leave=False,
                        disable=not progress)
-        start_epoch(model, opt, plan)
+        recalibrate = recalibration_groups(model, plans, plan.epoch, bn_policy)
+        if recalibrate:  # BatchNorm policy "recalibrate": before the stage's first step (after the batch check)
+            done = recalibrate_bn(model, recalibrate, train_loader, bn_batches, epoch=plan.epoch, device=device,
+                                  channels_last=channels_last)
+            history.meta.setdefault("bn_recalibrations", []).append({"epoch": plan.epoch, "stage": plan.stage, **done})
+        start_epoch(model, opt, plan, bn_policy)
         start = time.perf_counter()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         watch, diverged = NonFiniteLossWatch(opt, device), None

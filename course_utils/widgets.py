@@ -26,7 +26,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import ipywidgets as W
 from torch import nn
 
-from .finetune import Schedule, Stage, default_high_groups, high_groups_of, one_stage_schedule, three_stage_schedule
+from .finetune import (BN_POLICIES, Schedule, Stage, check_bn_policy, default_high_groups, high_groups_of,
+                       one_stage_schedule, three_stage_schedule)
 from .models import layer_groups
 
 MAX_STAGES = 3
@@ -274,11 +275,13 @@ class ScheduleDesigner(W.VBox):
     values (assignable, also partially); ``panel.error``: the message of an invalid choice, else ``""``;
     ``panel.train()``: train the current schedule from a normal cell; ``panel.runs``: the runs so far;
     ``panel.find_lr(stage)``: what stage ``stage``'s "find LR" button does (``panel.finder_results``).
+    The BatchNorm policy (``bn_policy``, buttons ``schedule-bn-policy``, ``values["bn_policy"]``) is the
+    run's ``fit(..., bn_policy=...)``; choosing a preset keeps it.
     """
 
     def __init__(self, model: nn.Module, train_loader=None, val_loader=None, *, model_fn=None,
                  epochs: Sequence[int] = (5, 15, 30), preset: str | None = None, max_epochs: int | None = None,
-                 fit_kwargs: Mapping | None = None, finder_kwargs: Mapping | None = None):
+                 fit_kwargs: Mapping | None = None, finder_kwargs: Mapping | None = None, bn_policy: str = "train"):
         self.groups = list(layer_groups(model))
         self.new_groups = tuple(g for g in self.groups if g in getattr(model, "new_groups", ("cbam", "head")))
         self.high_groups = tuple(g for g in self.groups if g in high_groups_of(model))
@@ -309,6 +312,13 @@ class ScheduleDesigner(W.VBox):
                                         style={"button_width": "36px"})
         self.w_differential = W.Checkbox(value=False, description="差异化学习率 differential (new vs pretrained)",
                                          indent=False, layout=W.Layout(width="auto"))
+        # the BatchNorm policy of the run (fit's bn_policy): not part of a preset, kept when a preset is chosen
+        self.w_bn = W.ToggleButtons(options=list(BN_POLICIES), value=check_bn_policy(bn_policy),
+                                    description="BatchNorm", style={"button_width": "84px"},
+                                    tooltips=["unfrozen groups' BN in train mode (the default)",
+                                              "pretrained groups' BN statistics stay as loaded",
+                                              "re-estimate the statistics of the groups a stage unfreezes"])
+        self.w_bn.add_class("schedule-bn-policy")
         self.w_end1 = slider(W.IntSlider, "阶段1结束 stage 1 ends", "schedule-end1", min=1, max=top)
         self.w_end2 = slider(W.IntSlider, "阶段2结束 stage 2 ends", "schedule-end2", min=1, max=top)
         self.w_total = slider(W.IntSlider, "总轮数 total epochs", "schedule-total", min=1, max=top)
@@ -359,6 +369,7 @@ class ScheduleDesigner(W.VBox):
         self.w_preset.observe(self._on_preset, names="value")
         super().__init__([
             W.HBox([self.w_preset, self.w_stages, self.w_differential], layout=W.Layout(flex_flow="row wrap")),
+            self.w_bn,
             W.HBox([self.w_end1, self.w_end2, self.w_total], layout=W.Layout(flex_flow="row wrap")),
             W.HBox(self._columns, layout=W.Layout(flex_flow="row wrap")),
             self.w_error, self.w_lr_status, self.w_lr_curve, self.w_plot, self.w_table,
@@ -388,6 +399,7 @@ class ScheduleDesigner(W.VBox):
             "total": self.w_total.value, "differential": self.w_differential.value,
             "lr": tuple(w.value for w in self.w_lr), "lr_new": tuple(w.value for w in self.w_lr_new),
             "trainable": tuple(tuple(g for g, t in toggles.items() if t.value) for toggles in self.w_train),
+            "bn_policy": self.w_bn.value,
         }
 
     @values.setter
@@ -402,6 +414,7 @@ class ScheduleDesigner(W.VBox):
             top = max(v["end1"], v["end2"], v["total"], self.w_total.max)
             for w in (self.w_end1, self.w_end2, self.w_total):
                 w.max = top
+            self.w_bn.value = check_bn_policy(v["bn_policy"])
             self.w_stages.value = v["stages"]
             self.w_differential.value = bool(v["differential"])
             self.w_end1.value, self.w_end2.value, self.w_total.value = v["end1"], v["end2"], v["total"]
@@ -530,7 +543,7 @@ class ScheduleDesigner(W.VBox):
 
         start = time.perf_counter()
         history = fit(model, schedule, self.train_loader, self.val_loader, on_epoch_end=live,
-                      **{**self.fit_kwargs, **fit_kwargs})
+                      **{"bn_policy": self.w_bn.value, **self.fit_kwargs, **fit_kwargs})
         self.add_run(schedule, history, time.perf_counter() - start)
         return history
 
@@ -545,7 +558,7 @@ class ScheduleDesigner(W.VBox):
         for i, run in enumerate(self.runs, start=1):
             acc = [a for a in run["history"]["val_acc"] if a is not None]
             rows.append({"run": i, "schedule": schedule_summary(run["schedule"]),
-                         "epochs": len(run["history"]),
+                         "BN": run["history"].meta.get("bn_policy", "train"), "epochs": len(run["history"]),
                          "final val acc": f"{acc[-1]:.3f}" if acc else "-",
                          "best val acc": f"{max(acc):.3f}" if acc else "-",
                          "seconds": f"{run['seconds']:.1f}"})

@@ -266,3 +266,36 @@ def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
     panel.w_end1.value = 9  # an invalid choice: the finder refuses it, in the panel too
     panel._on_find_lr_clicked(1)
     assert "invalid" in panel.w_lr_status.value
+
+
+def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
+    train_loader, val_loader = tiny_loaders()
+    panel = widgets.schedule_designer(model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"})
+    assert panel.w_bn.value == "train" and "schedule-bn-policy" in panel.w_bn._dom_classes
+    assert list(panel.w_bn.options) == ["train", "frozen", "recalibrate"] and panel.w_bn in panel.children
+    assert panel.values["bn_policy"] == "train"
+    panel.w_bn.value = "frozen"
+    assert panel.values["bn_policy"] == "frozen"
+    panel.w_preset.value = list(widgets.PRESETS)[3]  # a preset sets the schedule, not the policy
+    assert panel.values["bn_policy"] == "frozen"
+    panel.values = {"bn_policy": "recalibrate"}
+    assert panel.w_bn.value == "recalibrate"
+    with pytest.raises(ValueError, match="bn_policy must be one of"):
+        panel.values = {"bn_policy": "eval"}
+    seen = []
+
+    def recording_fit(model, schedule, *args, **kwargs):
+        seen.append(kwargs.get("bn_policy"))
+        return original_fit(model, schedule, *args, **kwargs)
+
+    from course_utils import train as ctrain
+    original_fit = ctrain.fit
+    monkeypatch.setattr(ctrain, "fit", recording_fit)
+    panel.w_bn.value = "recalibrate"
+    panel.w_preset.value = list(widgets.PRESETS)[0]
+    panel._on_train_clicked(panel.w_button)
+    assert panel.w_status.value.startswith("完成"), panel.w_status.value
+    assert seen == ["recalibrate"]
+    history = panel.runs[-1]["history"]
+    assert history.meta["bn_policy"] == "recalibrate" and [r["epoch"] for r in history.meta["bn_recalibrations"]] == [1, 2, 3]
+    assert panel.comparison()[-1]["BN"] == "recalibrate" and "recalibrate" in panel.w_runs.value
