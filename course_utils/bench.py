@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import data as cdata
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
-from .train import default_amp, default_channels_last, evaluate, fit
+from .train import default_amp, default_channels_last, default_device, evaluate, fit
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
@@ -169,7 +169,7 @@ def _summary(samples: list[tuple[int, float]], mem: list[tuple[float, float]]) -
 
 
 def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_size: int = 32,
-              images: int | None = None, repeats: int = 3, batch_size: int = 128, workers: int = 2,
+              images: int | None = None, repeats: int = 3, batch_size: int = 128, workers: int | None = None,
               lesson: bool = True, compile: bool = False, amp: bool | None = None,
               channels_last: bool | None = None, threads: int | None = None, synthetic: bool = False,
               seed: int = 0, progress: bool = True) -> dict:
@@ -179,7 +179,9 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     """
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = cdata.default_num_workers() if workers is None else workers  # none from a notebook on Windows/macOS
+
+    device = torch.device(device) if device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no CUDA device")
     if model not in MODELS:
@@ -304,14 +306,16 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
 
 def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs: int = 8, seeds: int = 3,
                  train_size: int | None = 5000, val_size: int | None = 1000, batch_size: int = 128,
-                 workers: int = 2, progress: bool = True) -> dict:
+                 workers: int | None = None, progress: bool = True) -> dict:
     """Does the fast path learn as well as the plain one? Both train ``model`` from the same random
     initialisation for ``epochs`` at a constant AdamW learning rate on the same CIFAR-10 split (default:
     the ``quick`` preset's 5,000/1,000), once per seed; returns each path's validation accuracies and
     their mean and spread, as measured by each path's own evaluation."""
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = cdata.default_num_workers() if workers is None else workers  # none from a notebook on Windows/macOS
+
+    device = torch.device(device) if device else default_device()
     data = cdata.load_cifar10(train_size=train_size, val_size=val_size, download=False, verbose=False)
     results = {"plain": [], "course": []}
     bar = tqdm(total=2 * seeds * epochs, desc="accuracy", disable=not progress)
@@ -431,7 +435,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"images per pass (default {DEFAULT_IMAGES['cpu']} on cpu, {DEFAULT_IMAGES['cuda']} on cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per path; the median is reported")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain path (lesson: 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of the plain path (default as in the lesson: 2)")
     parser.add_argument("--no-lesson", action="store_true", help="skip the lesson-augmentation row")
     parser.add_argument("--compile", action="store_true", help="torch.compile the course path's model")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import devices
 from .finetune import Schedule, apply_epoch, make_optimizer
 
 COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
@@ -139,7 +140,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # ------------------------------------------------------------------------------ loops
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA, else Apple's MPS, else the CPU; ``$COURSE_DEVICE`` overrides (see :mod:`course_utils.devices`)."""
+    return devices.default_device()
 
 
 def native_bf16(device: torch.device) -> bool:
