@@ -107,8 +107,10 @@ def _doctor(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _book(args: argparse.Namespace, extra: list[str]) -> int:
+    import importlib
+
     try:
-        from . import book
+        book = importlib.import_module("course_utils.book")
     except ModuleNotFoundError as err:
         if err.name != "course_utils.book":
             raise
@@ -135,7 +137,8 @@ PASS_THROUGH = ("bench", "book", "doctor")
 def build_parser() -> argparse.ArgumentParser:
     """The command line; standard library only (bench's and book's own options are parsed inside the env)."""
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils", description=__doc__.split("\n\n")[0],
+        prog="python -m course_utils",
+        description="The course's commands; run from the repository root (Windows: py -m course_utils ...).",
         epilog="The first run creates .venv with the tested versions (constraints.txt) unless this Python already "
                "has a suitable torch and the course's packages. COURSE_ENV=here|venv chooses without the flag.")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)

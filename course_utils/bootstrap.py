@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ COMMAND_MODULES = {
 def say(message: str) -> None:
     """What the bootstrap is doing, on stderr so that it never mixes into a command's own output."""
     print(f"[course_utils] {message}", file=sys.stderr, flush=True)
+
+
+def shown(argv: list[str]) -> str:
+    """A command as the user would type it in their shell (quoted where a path has spaces)."""
+    return subprocess.list2cmdline(argv) if os.name == "nt" else shlex.join(argv)
 
 
 def venv_python(venv: Path, windows: bool | None = None) -> Path:
@@ -169,7 +175,8 @@ def _venv_plan(python: Path, venv: Path, root: Path, reexec: bool, reason: str, 
                         [str(executable or sys.executable), "-m", "venv", str(venv)]))
     ready = stamp_file.exists() and stamp_file.read_text().strip() == stamp_of(root)
     if not ready:
-        p.steps.append(("updating pip inside it", [str(python), "-m", "pip", "install", "--upgrade", "pip"]))
+        p.steps.append(("updating pip and setuptools inside it (setuptools 77+ reads pyproject.toml's license)",
+                        [str(python), "-m", "pip", "install", "--upgrade", "pip", "setuptools>=77"]))
         p.steps.append((f"installing the course with the tested versions ({CONSTRAINTS}: torch, torchvision, "
                         f"JupyterLab, ...) into {venv}", install_command(python, True)))
     return p
@@ -184,7 +191,7 @@ def run(command: str, argv: list[str], here: bool = False, root: Path = ROOT) ->
     p = plan(command, here=here, root=root)
     say(p.reason)
     for what, step in p.steps:
-        say(f"{what}:\n    {' '.join(step)}")
+        say(f"{what}:\n    {shown(step)}")
         result = subprocess.run(step, cwd=root)
         if result.returncode:
             say(f"that failed (exit status {result.returncode}); nothing else was changed. Fix the message above "

@@ -27,9 +27,6 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 WEIGHTS = {"resnet18": "resnet18-f37072fd.pth", "vgg16": "vgg16-397923af.pth"}
 # PyTorch's CUDA wheel indexes, oldest first: the fix for a CPU-only torch names the newest the driver runs.
 CUDA_WHEELS = ("cu118", "cu121", "cu124", "cu126", "cu128", "cu129", "cu130")
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Noto Serif CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
-             "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Hiragino Sans GB",
-             "Arial Unicode MS")
 
 
 @dataclass
@@ -109,12 +106,10 @@ class Probes:
             return [Path(p) for p in paths.jupyter_path("labextensions")]
         return [Path(sys.prefix) / "share" / "jupyter" / "labextensions"]
 
-    def font_names(self) -> set[str] | None:
-        """Font families matplotlib knows, or ``None`` without matplotlib."""
-        font_manager = self.module("matplotlib.font_manager")
-        if font_manager is None:
-            return None
-        return {f.name for f in font_manager.fontManager.ttflist}
+    def cjk_font(self) -> str | None | bool:
+        """The font figures use for Chinese (``plots.cjk_font``); ``False`` without matplotlib/torch."""
+        plots = self.module("course_utils.plots") if self.module("torch") is not None else None
+        return False if plots is None else plots.cjk_font()
 
     def environ(self) -> dict:
         return dict(os.environ)
@@ -318,16 +313,15 @@ def check_jupyter(p: Probes) -> list[Finding]:
 
 
 def check_fonts(p: Probes) -> list[Finding]:
-    names = p.font_names()
-    if names is None:
+    font = p.cjk_font()
+    if font is False:
         return []
-    found = [f for f in CJK_FONTS if f in names] or sorted(n for n in names if "CJK" in n)
-    if found:
-        return [Finding(OK, "fonts", f"Chinese text in figures: {found[0]}")]
+    if font:
+        return [Finding(OK, "fonts", f"Chinese text in figures: {font}")]
     fix = {"linux": "sudo apt-get install fonts-noto-cjk (Debian/Ubuntu), then delete matplotlib's font cache "
-                    "(python -c \"import matplotlib; print(matplotlib.get_cachedir())\")",
-           "darwin": "macOS ships PingFang SC; delete matplotlib's font cache folder so it is found",
-           "win32": "Windows ships Microsoft YaHei; delete matplotlib's font cache folder so it is found"}
+                    "(the fontlist-*.json in python -c \"import matplotlib; print(matplotlib.get_cachedir())\")",
+           "darwin": "macOS ships PingFang SC: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
+           "win32": "Windows ships Microsoft YaHei: delete matplotlib's font cache (fontlist-*.json in its cache dir)"}
     return [Finding(WARN, "fonts", "no font that draws Chinese: Chinese labels in figures show as boxes",
                     fix.get(sys.platform, fix["linux"]))]
 

@@ -176,8 +176,9 @@ def default_amp(device: torch.device, image_size=None) -> bool:
 
 def default_channels_last(model: nn.Module, device: torch.device) -> bool:
     """``fit``'s default for ``channels_last``: on CUDA always; on the CPU for ResNets (measured faster),
-    not for VGG (measured slower)."""
-    return torch.device(device).type == "cuda" or type(model).__name__.startswith("ResNet")
+    not for VGG (measured slower); not on MPS, whose convolutions work in NCHW."""
+    device_type = torch.device(device).type
+    return device_type == "cuda" or (device_type == "cpu" and type(model).__name__.startswith("ResNet"))
 
 
 def _autocast(device: torch.device, amp: bool):
