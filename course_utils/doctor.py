@@ -269,7 +269,7 @@ def check_cifar(p: Probes) -> list[Finding]:
                 f"accuracies far below the full set's)")
     get_it = (f"put cifar-10-python.tar.gz's cifar-10-batches-py/ into {data_dir}, or set COURSE_CIFAR10_MIRROR to a "
               f"folder or URL that holds cifar-10-python.tar.gz")
-    if env.get("COURSE_OFFLINE"):
+    if env.get("COURSE_OFFLINE", "").lower() in ("1", "true"):
         return [Finding(NOTE, "cifar-10", f"COURSE_OFFLINE is set: not checking the download; {fallback}", get_it)]
     if p.reachable(CIFAR10_URL):
         return [Finding(OK, "cifar-10", f"downloadable from {CIFAR10_URL} (170 MB, into {data_dir} on first use)")]

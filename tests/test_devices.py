@@ -159,3 +159,16 @@ def test_in_notebook_sees_ipykernel_and_scripts(monkeypatch):
     assert not data.in_notebook()
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert data.in_notebook()
+
+
+def test_every_notebook_prints_its_device_right_after_its_imports():
+    import json
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        first_import = next(i for i, c in enumerate(code) if "from course_utils import" in "".join(c["source"]))
+        device_cell = code[first_import + 1]
+        assert "print(devices.describe_device())" in "".join(device_cell["source"]), path.name
+        assert "nbval-ignore-output" in device_cell["metadata"].get("tags", []), f"{path.name}: differs per machine"
