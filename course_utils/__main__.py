@@ -173,10 +173,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse(argv)
-    code = bootstrap.run(args.command, argv, here=args.here, root=ROOT)
-    if code is not None:
-        return code
-    return args.run(args, extra)
+    try:
+        code = bootstrap.run(args.command, argv, here=args.here, root=ROOT)
+        return args.run(args, extra) if code is None else code
+    except KeyboardInterrupt:  # Ctrl-C: the child got it too; no traceback from this process
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ macOS and Linux. Before anything else it picks the interpreter (:func:`plan`):
 * ``--here`` (or ``COURSE_ENV=here``): the Python you started, as it is — for Colab, Kaggle or a conda/CUDA
   image that brings its own torch. Only what is missing gets installed (``pip install -e .[course]``
   without the constraints file, so pip keeps every installed package that satisfies pyproject.toml's
-  ranges: your torch stays).
+  ranges, and the installed torch is pinned for that install: your torch stays).
 * otherwise the Python you started when it already has every package the command needs and a torch within
   the supported range (an activated conda env or virtualenv, ``/usr/bin/python3`` of a GPU image), and
   ``COURSE_ENV=venv`` was not set;
@@ -150,8 +150,11 @@ def plan(command: str, here: bool = False, root: Path = ROOT, env: dict | None =
             if torch_version and not torch_supported(torch_version):
                 say(f"your torch {torch_version} is outside the supported range "
                     f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it")
+            keep = [f"torch=={torch_version}"] if torch_supported(torch_version) else []
             p.steps.append((f"installing what is missing ({', '.join(missing)}); installed packages that fit "
-                            f"pyproject.toml's ranges, torch included, are kept", install_command(executable, False)))
+                            f"pyproject.toml's ranges are kept" + (f", torch {torch_version} included (pinned, so "
+                            f"pip picks the torchvision that goes with it)" if keep else ""),
+                            install_command(executable, False) + keep))
         return p
     if not missing and torch_supported(torch_version) and choice != "venv":
         return Plan(executable, reexec=False,

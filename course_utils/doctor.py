@@ -123,8 +123,12 @@ def check_python(p: Probes) -> list[Finding]:
     if sys.version_info < (3, 10):
         return [Finding(FAIL, "python", f"{here} at {where}: the course needs Python 3.10 or newer",
                         "install Python 3.11 from python.org (Windows: the py launcher) and run the command with it")]
-    return [Finding(OK if here.startswith(tested + ".") else NOTE, "python",
-                    f"{here} at {where} (tested: {tested})")]
+    findings = [Finding(OK if here.startswith(tested + ".") else NOTE, "python", f"{here} at {where} (tested: {tested})")]
+    stamp = ROOT / ".venv" / bootstrap.READY_STAMP
+    if bootstrap.in_venv(ROOT / ".venv") and p.path_exists(stamp) and stamp.read_text().strip() != bootstrap.stamp_of():
+        findings.append(Finding(WARN, "packages", ".venv was installed from an older pyproject.toml/constraints.txt",
+                                "python -m course_utils test (or course/lab) brings it up to date first"))
+    return findings
 
 
 def setup_fix() -> str:

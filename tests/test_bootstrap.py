@@ -143,8 +143,15 @@ def test_here_installs_only_what_is_missing_without_constraints(tmp_path, how):
              missing=("nbval", "papermill"), torch="2.6.0")
     assert not p.reexec
     ((what, argv),) = p.steps
-    assert argv == ["/usr/bin/python3", "-m", "pip", "install", "-e", ".[course]"]
-    assert "-c" not in argv and "nbval, papermill" in what and "torch included" in what
+    assert argv == ["/usr/bin/python3", "-m", "pip", "install", "-e", ".[course]", "torch==2.6.0"]
+    assert "-c" not in argv and "nbval, papermill" in what and "torch 2.6.0 included" in what
+
+
+def test_here_without_a_suitable_torch_lets_pip_choose_one(tmp_path):
+    root = make_root(tmp_path, venv=False, ready=False)
+    for torch in (None, "2.1.0"):
+        ((_, argv),) = plan(root, here=True, missing=("torch",) if torch is None else ("nbval",), torch=torch).steps
+        assert argv[-2:] == ["-e", ".[course]"]
 
 
 def test_here_with_everything_installed_does_nothing(tmp_path):
