@@ -146,7 +146,7 @@ def plan(command: str, here: bool = False, root: Path = ROOT, env: dict | None =
         return _venv_plan(executable, venv, root, reexec=False, reason=f"running in the project's {venv}")
     if here:
         p = Plan(executable, reexec=False, reason=f"--here: using this Python ({executable}) as it is")
-        if missing:
+        if missing and command != "doctor":  # doctor looks, it never installs
             if torch_version and not torch_supported(torch_version):
                 say(f"your torch {torch_version} is outside the supported range "
                     f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it")

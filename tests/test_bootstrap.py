@@ -174,6 +174,8 @@ def test_doctor_never_creates_or_installs(tmp_path):
     stale = make_root(tmp_path / "b", venv=True, ready=False)
     p = plan(stale, command="doctor", missing=("torch",), torch=None)
     assert p.reexec and p.steps == []
+    p = plan(bare, command="doctor", here=True, missing=("torch",), torch=None)
+    assert not p.reexec and p.steps == []
 
 
 def test_run_executes_the_steps_and_reruns_with_the_same_arguments(tmp_path, monkeypatch):
