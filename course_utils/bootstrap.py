@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -89,6 +90,12 @@ def torch_supported(version: str | None) -> bool:
     return version is not None and TORCH_MIN <= version_tuple(version) < TORCH_BELOW
 
 
+def pytorch_index(torch_version: str | None) -> str | None:
+    """PyTorch's wheel index a torch build came from (``2.13.0+cpu`` → ``.../whl/cpu``), ``None`` for PyPI's."""
+    local = (torch_version or "").partition("+")[2]
+    return f"https://download.pytorch.org/whl/{local}" if re.fullmatch(r"cpu|cu\d+|rocm[\d.]+|xpu", local) else None
+
+
 def installed_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -151,6 +158,10 @@ def plan(command: str, here: bool = False, root: Path = ROOT, env: dict | None =
                 say(f"your torch {torch_version} is outside the supported range "
                     f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it")
             keep = [f"torch=={torch_version}"] if torch_supported(torch_version) else []
+            if keep and "torchvision" in missing and pytorch_index(torch_version):
+                # a torch from PyTorch's own index (+cpu, +cu126, ...) needs torchvision from the same index:
+                # PyPI's is built against PyPI's torch and fails to load ("operator torchvision::nms does not exist")
+                keep += ["--extra-index-url", pytorch_index(torch_version)]
             p.steps.append((f"installing what is missing ({', '.join(missing)}); installed packages that fit "
                             f"pyproject.toml's ranges are kept" + (f", torch {torch_version} included (pinned, so "
                             f"pip picks the torchvision that goes with it)" if keep else ""),

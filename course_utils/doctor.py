@@ -58,6 +58,14 @@ class Probes:
         except ImportError:
             return None
 
+    def import_error(self, name: str) -> str | None:
+        """Why ``import name`` fails, or ``None`` when it works."""
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 — a broken binary raises RuntimeError, OSError, ...
+            return f"{type(err).__name__}: {err}"
+        return None
+
     def version(self, distribution: str) -> str | None:
         return bootstrap.installed_version(distribution)
 
@@ -152,6 +160,12 @@ def check_torch(p: Probes) -> list[Finding]:
                                                 f">={'.'.join(map(str, bootstrap.TORCH_MIN))},<{bootstrap.TORCH_BELOW[0]}",
                                     f"{sys.executable} -m pip install torch=={tested.get('torch')} "
                                     f"torchvision=={tested.get('torchvision')}"))
+        elif name == "torchvision" and (broken := p.import_error("torchvision")):
+            index = bootstrap.pytorch_index(p.version("torch"))
+            findings.append(Finding(FAIL, name, f"{version} does not load with torch {p.version('torch')} ({broken}): "
+                                                f"a build for another torch",
+                                    f"{sys.executable} -m pip install --force-reinstall --no-deps torchvision=={version}"
+                                    + (f" --index-url {index}" if index else "")))
         else:
             same = version.split("+")[0] == want
             findings.append(Finding(OK if same else NOTE, name, f"{version} (tested: {want}"

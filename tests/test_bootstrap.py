@@ -286,3 +286,13 @@ def test_bench_options_reach_benchs_own_parser(monkeypatch):
     monkeypatch.setattr(bench, "main", lambda args: got.update(vars(args)))
     assert cli.main(["bench", "--repeats", "1", "--workers", "0"]) == 0
     assert got["repeats"] == 1 and got["workers"] == 0
+
+
+@pytest.mark.parametrize("torch, index", [("2.13.0+cpu", "https://download.pytorch.org/whl/cpu"),
+                                          ("2.11.0+cu126", "https://download.pytorch.org/whl/cu126"),
+                                          ("2.14.1", None), ("2.5.0+git1234", None)])
+def test_here_gets_torchvision_from_the_index_its_torch_came_from(tmp_path, torch, index):
+    root = make_root(tmp_path, venv=False, ready=False)
+    ((_, argv),) = plan(root, here=True, missing=("torchvision",), torch=torch).steps
+    assert argv[6] == f"torch=={torch}"
+    assert argv[7:] == (["--extra-index-url", index] if index else [])

@@ -35,6 +35,9 @@ class FakeProbes(doctor.Probes):
             return self.versions[distribution]
         return None if distribution in self.hidden_modules else super().version(distribution)
 
+    def import_error(self, name):
+        return self.__dict__.get("broken", {}).get(name)
+
     def nvidia_smi(self):
         return self.smi
 
@@ -193,3 +196,11 @@ def test_a_broken_probe_does_not_hide_the_rest(tmp_path):
 def test_tested_versions_come_from_the_constraints_file():
     tested = doctor.tested_versions()
     assert tested["torch"] == "2.14.1" and tested["torchvision"] == "0.29.1" and "jupyterlab" in tested
+
+
+def test_a_torchvision_built_for_another_torch_blocks_with_the_matching_index(tmp_path):
+    probes = FakeProbes(tmp_path, versions={"torch": "2.13.0+cpu", "torchvision": "0.28.0"},
+                        broken={"torchvision": "RuntimeError: operator torchvision::nms does not exist"})
+    (vision,) = by_topic(doctor.check_torch(probes), "torchvision")
+    assert vision.level == doctor.FAIL and "torchvision::nms" in vision.text
+    assert vision.fix.endswith("torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu")
