@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
 
 
+@pytest.fixture(autouse=True)
+def no_bootstrap_env(monkeypatch):
+    """The suite itself may run inside a re-run (COURSE_BOOTSTRAPPED=1, set by `python -m course_utils test`)."""
+    monkeypatch.delenv("COURSE_BOOTSTRAPPED", raising=False)
+    monkeypatch.delenv("COURSE_ENV", raising=False)
+
+
 @pytest.mark.parametrize("module", ["__init__.py", "__main__.py", "bootstrap.py", "doctor.py"])
 def test_what_runs_before_the_env_exists_imports_only_the_stdlib(module):
     tree = ast.parse((ROOT / "course_utils" / module).read_text())
@@ -29,19 +36,23 @@ def test_what_runs_before_the_env_exists_imports_only_the_stdlib(module):
             assert name.split(".")[0] in STDLIB, f"{module} imports {name} at import time"
 
 
-def test_a_bare_python_runs_doctor_and_help():
-    """``python -S -E``: no site-packages (so no torch), no PYTHONPATH — what a fresh machine has."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_ENV", "COURSE_BOOTSTRAPPED")}
-    bare = [sys.executable, "-S", "-E", "-m", "course_utils"]
+def test_a_bare_python_runs_doctor_and_help(tmp_path):
+    """A Python without any package (a venv without pip), as on a fresh machine: help, a wrong command, and
+    ``doctor --here`` (this Python, not .venv) that says how to set up and exits 1."""
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)
+    bare = [str(bootstrap.venv_python(tmp_path / "bare")), "-E", "-m", "course_utils"]
+    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_ENV", "COURSE_BOOTSTRAPPED", "PYTHONPATH")}
     help_run = subprocess.run(bare + ["test", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert help_run.returncode == 0, help_run.stderr
     assert "--here" in help_run.stdout
     unknown = subprocess.run(bare + ["brew"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
-    if not (ROOT / ".venv").exists() or bootstrap.in_venv(ROOT / ".venv"):
-        doctor = subprocess.run(bare + ["doctor"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
-        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
-        assert "torch, torchvision" in doctor.stdout and "python -m course_utils lab" in doctor.stdout
+    doctor = subprocess.run(bare + ["doctor", "--here"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "torch, torchvision" in doctor.stdout and "python -m course_utils lab" in doctor.stdout
+    assert str(tmp_path / "bare") in doctor.stdout, "doctor --here checks the Python it was started with"
 
 
 def test_venv_python_per_os(monkeypatch):
@@ -189,7 +200,6 @@ def test_run_executes_the_steps_and_reruns_with_the_same_arguments(tmp_path, mon
         return subprocess.CompletedProcess(argv, 3 if argv[1:3] == ["-m", "course_utils"] else 0)
 
     monkeypatch.setattr(bootstrap.subprocess, "run", fake_run)
-    monkeypatch.delenv("COURSE_BOOTSTRAPPED", raising=False)
     monkeypatch.setattr(bootstrap, "missing_modules", lambda command, find=None: ["torch"])
     code = bootstrap.run("test", ["test", "-x"], root=root)
     assert code == 3, "the command's exit status is passed through"
