@@ -173,6 +173,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse(argv)
+    if args.command == "book" and not (ROOT / "course_utils" / "book.py").exists():
+        return _book(args, extra)  # says that book.py is missing, before installing anything
     try:
         code = bootstrap.run(args.command, argv, here=args.here, root=ROOT)
         return args.run(args, extra) if code is None else code
