@@ -162,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``(args, extra)``: ``extra`` are the options the command passes on (pytest's, papermill's, bench's)."""
-    args, extra = build_parser().parse_known_args(argv)
-    if args.command in ("course", "lab", "test") or args.command in PASS_THROUGH:
-        return args, extra
-    if extra:
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    return args, extra
+    return build_parser().parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "book" and not (ROOT / "course_utils" / "book.py").exists():
         return _book(args, extra)  # says that book.py is missing, before installing anything
     try:
-        code = bootstrap.run(args.command, argv, here=args.here, root=ROOT)
+        try:
+            code = bootstrap.run(args.command, argv, here=args.here, root=ROOT)
+        except ValueError as err:  # e.g. a wrong COURSE_ENV
+            print(f"python -m course_utils: {err}", file=sys.stderr)
+            return 2
         return args.run(args, extra) if code is None else code
     except KeyboardInterrupt:  # Ctrl-C: the child got it too; no traceback from this process
         return 130

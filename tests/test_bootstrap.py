@@ -305,3 +305,9 @@ def test_here_gets_torchvision_from_the_index_its_torch_came_from(tmp_path, torc
     ((_, argv),) = plan(root, here=True, missing=("torchvision",), torch=torch).steps
     assert argv[6] == f"torch=={torch}"
     assert argv[7:] == (["--extra-index-url", index] if index else [])
+
+
+def test_a_wrong_course_env_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("COURSE_ENV", "conda")
+    assert cli.main(["doctor"]) == 2
+    assert "COURSE_ENV must be 'here' or 'venv', got 'conda'" in capsys.readouterr().err
