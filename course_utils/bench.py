@@ -45,7 +45,7 @@ from . import data as cdata
 from . import precision
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
-from .train import evaluate, fit
+from .train import default_amp, default_channels_last, default_device, evaluate, fit
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
@@ -171,7 +171,7 @@ def _summary(samples: list[tuple[int, float]], mem: list[tuple[float, float]]) -
 
 
 def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_size: int = 32,
-              images: int | None = None, repeats: int = 3, batch_size: int = 128, workers: int = 2,
+              images: int | None = None, repeats: int = 3, batch_size: int = 128, workers: int | None = None,
               lesson: bool = True, compile: bool = False, amp: bool | None = None,
               channels_last: bool | None = None, threads: int | None = None, synthetic: bool = False,
               seed: int = 0, progress: bool = True) -> dict:
@@ -181,7 +181,9 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
     """
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = cdata.default_num_workers() if workers is None else workers  # none from a notebook on Windows/macOS
+
+    device = torch.device(device) if device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no CUDA device")
     if model not in MODELS:
@@ -307,7 +309,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
 
 def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs: int = 8, seeds: int = 3,
                  train_size: int | None = 5000, val_size: int | None = 1000, batch_size: int = 128,
-                 workers: int = 2, amp: bool | None = None, channels_last: bool | None = None,
+                 workers: int | None = None, amp: bool | None = None, channels_last: bool | None = None,
                  progress: bool = True) -> dict:
     """Does the fast path learn as well as the plain one? Both train ``model`` from the same random
     initialisation for ``epochs`` at a constant AdamW learning rate on the same CIFAR-10 split (default:
@@ -316,7 +318,9 @@ def run_accuracy(device: str | None = None, model: str = "resnet18_cbam", epochs
     path's (``None``: fit's defaults, see :mod:`course_utils.precision`)."""
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = cdata.default_num_workers() if workers is None else workers  # none from a notebook on Windows/macOS
+
+    device = torch.device(device) if device else default_device()
     data = cdata.load_cifar10(train_size=train_size, val_size=val_size, download=False, verbose=False)
     results = {"plain": [], "course": []}
     choice = precision.choose(device, MODELS[model](num_classes=10, weights=None), data.train_images.shape[-2:],
@@ -437,7 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"images per pass (default {DEFAULT_IMAGES['cpu']} on cpu, {DEFAULT_IMAGES['cuda']} on cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per path; the median is reported")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain path (lesson: 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of the plain path (default as in the lesson: 2)")
     parser.add_argument("--no-lesson", action="store_true", help="skip the lesson-augmentation row")
     parser.add_argument("--compile", action="store_true", help="torch.compile the course path's model")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",

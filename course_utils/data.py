@@ -18,12 +18,15 @@ usual torchvision way — PIL transforms in a ``DataLoader`` — kept for the be
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import socket
+import sys
 import tarfile
 import urllib.error
 import warnings
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import optional_whole_number, whole_number
+from .devices import default_device
 from .downloads import DownloadError, fetch, file_digest, mirror_url
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -370,6 +374,19 @@ def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: to
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
+def resize(images: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """Bilinear resize of a float batch to ``size``×``size``; antialiased when shrinking. Where the device has
+    no kernel for it (the antialiased one on MPS in some torch releases) it is done on the CPU and moved back."""
+    resize_to = functools.partial(F.interpolate, size=(size, size), mode="bilinear", align_corners=False,
+                                  antialias=antialias)
+    try:
+        return resize_to(images)
+    except NotImplementedError:
+        if images.device.type == "cpu":
+            raise
+        return resize_to(images.cpu()).to(images.device)
+
+
 class TensorLoader:
     """Batches of normalised float images from a uint8 tensor kept on ``device``.
 
@@ -397,7 +414,7 @@ class TensorLoader:
         pad = whole_number(pad, "pad", minimum=0, example="4")
         seed = whole_number(seed, "seed", minimum=0, example="0")
         labels = labels.long()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
@@ -432,8 +449,7 @@ class TensorLoader:
     def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
         x = images_u8.float().mul_(self._scale).sub_(self._shift)
         if self.image_size and self.image_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=self.image_size < x.shape[-1])
+            x = resize(x, self.image_size, antialias=self.image_size < x.shape[-1])
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self):
@@ -496,10 +512,25 @@ def plain_transforms(train: bool, mean=CIFAR_MEAN, std=CIFAR_STD, image_size: in
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def in_notebook() -> bool:
+    """Whether this runs in Jupyter/IPython or an interactive prompt (``__main__`` has no file)."""
+    return "ipykernel" in sys.modules or not hasattr(sys.modules.get("__main__"), "__file__")
+
+
+def default_num_workers(workers: int = 2) -> int:
+    """``workers`` DataLoader processes, but none from a notebook where new processes are *spawned*
+    (Windows and macOS): each worker would start a fresh Python that re-imports the notebook's
+    ``__main__`` and cannot unpickle what was defined in it — the hang/crash of fastai #2240."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return 0 if method == "spawn" and in_notebook() else workers
+
+
 def plain_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, *, train: bool = False,
                  mean=CIFAR_MEAN, std=CIFAR_STD, image_size: int | None = None, lesson: bool = False,
-                 num_workers: int = 2, seed: int = 0) -> torch.utils.data.DataLoader:
-    """The plain torchvision pipeline: PIL transforms in a ``DataLoader`` with worker processes."""
+                 num_workers: int | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
+    """The plain torchvision pipeline: PIL transforms in a ``DataLoader`` with worker processes
+    (``num_workers``, default :func:`default_num_workers`: 2, none from a notebook on Windows/macOS)."""
+    num_workers = default_num_workers() if num_workers is None else num_workers
     dataset = PilDataset(images, labels, plain_transforms(train, mean, std, image_size, lesson))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
                                        num_workers=num_workers, persistent_workers=num_workers > 0,

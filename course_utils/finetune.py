@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .checks import stage_lengths, whole_number
+from .devices import fused_adamw_supported
 from .models import group_modules, group_names, group_of, layer_groups
 
 ALIASES = ("new", "pretrained", "high", "all")
@@ -294,7 +295,8 @@ def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str 
     if optimizer == "adamw":
         # fused: one kernel for the whole update instead of a dozen per parameter group; measured faster
         # on the CPU and on CUDA. Frozen parameters have no grad and are skipped, as by the plain AdamW.
-        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+        # MPS too where this torch has the kernel; elsewhere the plain implementation.
+        fused = all(fused_adamw_supported(t) for t in {p.device.type for p in model.parameters()})
         return torch.optim.AdamW(param_groups, lr=0.0, fused=fused or None)
     if optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, nesterov=True)

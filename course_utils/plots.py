@@ -17,6 +17,30 @@ from .finetune import EpochPlan, Schedule
 from .models import layer_groups
 
 STAGE_COLORS = ("#e8f0fe", "#fef3e0", "#e6f4ea", "#fce8e6", "#f3e8fd")
+# Fonts that draw Chinese, by platform: Debian's fonts-noto-cjk, macOS, Windows, others.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "PingFang SC", "Heiti SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Arial Unicode MS")
+
+
+def cjk_font() -> str | None:
+    """The first installed font family of :data:`CJK_FONTS` that matplotlib knows, or ``None``."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in installed), None)
+
+
+def use_cjk_fallback() -> str | None:
+    """Let figures draw Chinese: the installed CJK font becomes the fallback after the default sans-serif
+    font (Latin text looks as before; matplotlib 3.6+ falls back per glyph). Returns the family or ``None``."""
+    family = cjk_font()
+    if family and family not in plt.rcParams["font.sans-serif"]:
+        plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"][:1], family,
+                                           *plt.rcParams["font.sans-serif"][1:]]
+    return family
+
+
+use_cjk_fallback()
 
 
 def _figure(ncols: int = 1, nrows: int = 1, size=(5.5, 3.6), **kw):

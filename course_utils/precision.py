@@ -109,7 +109,8 @@ def rule_amp(device: torch.device, image_size=None) -> bool:
 
 def rule_channels_last(model: nn.Module | None, device: torch.device) -> bool:
     """On CUDA always; on the CPU for ResNets (measured faster), not for VGG (measured slower)."""
-    return torch.device(device).type == "cuda" or (model is not None and type(model).__name__.startswith("ResNet"))
+    device_type = torch.device(device).type  # not on MPS, whose convolutions work in NCHW
+    return device_type == "cuda" or (device_type == "cpu" and model is not None and type(model).__name__.startswith("ResNet"))
 
 
 def cpu_name() -> str:

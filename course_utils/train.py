@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision
+from . import devices, precision
 from .finetune import Schedule, apply_epoch, check_bn_policy, make_optimizer, recalibrate_bn, recalibration_groups
 from .precision import native_bf16  # noqa: F401  (train.native_bf16, as before)
 
@@ -166,7 +166,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # ------------------------------------------------------------------------------ loops
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA, else Apple's MPS, else the CPU; ``$COURSE_DEVICE`` overrides (see :mod:`course_utils.devices`)."""
+    return devices.default_device()
 
 
 def default_amp(device: torch.device, image_size=None, model: nn.Module | None = None,

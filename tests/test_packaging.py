@@ -1,23 +1,33 @@
-"""pyproject.toml and environment.yml ask for the same packages, pinned the same way."""
+"""pyproject.toml declares ranges; constraints.txt pins the tested stack; environment.yml, .ci/run, the
+bootstrap and the README all go through constraints.txt; installing into an env with a suitable torch keeps it."""
 from __future__ import annotations
 
+import json
 import re
-import tomllib
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+from course_utils import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
-PINS = {"torch": "==2.14.1", "torchvision": "==0.29.1"}
+TESTED = {"torch": "2.14.1", "torchvision": "0.29.1"}
+OLDER_SUPPORTED = {"torch": "2.11.0", "torchvision": "0.26.0"}  # the GPU machine's
 
 
-def parse(requirement: str) -> tuple[str, str]:
-    """``"Name >= 1.0"`` → ``("name", ">=1.0")``: normalised name (PEP 503) and specifier without spaces."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*?)\s*", requirement)
-    assert match, f"cannot parse requirement {requirement!r}"
-    name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
-    return name, re.sub(r"\s+", "", match.group(3))
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.fixture(scope="module")
@@ -30,46 +40,92 @@ def environment():
     return yaml.safe_load((ROOT / "environment.yml").read_text())
 
 
-def pyproject_requirements(pyproject) -> list[str]:
+@pytest.fixture(scope="module")
+def constraints() -> dict[str, Requirement]:
+    reqs = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            assert norm(req.name) not in reqs, f"{req.name} is pinned twice in constraints.txt"
+            reqs[norm(req.name)] = req
+    return reqs
+
+
+def requirements(pyproject) -> dict[str, Requirement]:
     project = pyproject["project"]
-    return list(project["dependencies"]) + list(project["optional-dependencies"]["course"])
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["course"]]
+    return {norm(r.name): r for r in reqs}
 
 
-def environment_pip(environment) -> list[str]:
+def pinned(req: Requirement) -> str:
+    (spec,) = req.specifier
+    assert spec.operator == "==", f"constraints.txt must pin exactly: {req}"
+    return spec.version
+
+
+def test_constraints_pin_the_tested_torch_for_every_python(constraints):
+    for name, version in TESTED.items():
+        assert pinned(constraints[name]) == version
+        assert constraints[name].marker is None, f"{name}'s pin must hold on every Python"
+
+
+def test_constraints_pin_every_requirement_and_satisfy_the_ranges(pyproject, constraints):
+    for name, req in requirements(pyproject).items():
+        assert name in constraints, f"{name} (pyproject.toml) has no pin in constraints.txt"
+        version = pinned(constraints[name])
+        assert req.specifier.contains(version), f"constraints.txt's {name}=={version} is outside pyproject's {req}"
+
+
+def test_pyproject_declares_ranges_not_pins(pyproject):
+    reqs = requirements(pyproject)
+    for name in TESTED:
+        assert not any(s.operator == "==" for s in reqs[name].specifier), f"{name} must be a range: {reqs[name]}"
+
+
+@pytest.mark.parametrize("versions", [TESTED, OLDER_SUPPORTED], ids=["tested", "older-supported"])
+def test_ranges_accept_the_tested_and_an_older_supported_torch(pyproject, versions):
+    reqs = requirements(pyproject)
+    for name, version in versions.items():
+        assert reqs[name].specifier.contains(version), f"{reqs[name]} refuses {name} {version}"
+        assert reqs[name].specifier.contains(version + "+cu126"), "a CUDA build's local version must be accepted"
+
+
+def test_ranges_refuse_a_torch_without_fused_adamw_on_the_cpu(pyproject):
+    reqs = requirements(pyproject)
+    assert not reqs["torch"].specifier.contains("2.3.1")
+    assert not reqs["torchvision"].specifier.contains("0.18.1")
+
+
+def test_bootstraps_torch_range_matches_pyproject(pyproject):
+    """The stdlib bootstrap decides whether an installed torch is suitable with its own copy of the range."""
+    spec = requirements(pyproject)["torch"].specifier
+    for version in ("2.3.1", "2.4.0", "2.11.0", "2.14.1+cu130", "2.99.0", "3.0.0"):
+        assert bootstrap.torch_supported(version) == spec.contains(version), version
+
+
+def test_environment_installs_through_the_constraints_file(environment, pyproject):
     pips = [d["pip"] for d in environment["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pips) == 1, "environment.yml needs exactly one pip: section"
-    return [line for line in pips[0] if line.strip() not in ("-e .", "--editable .", "-e ./")]
-
-
-def test_pyproject_and_environment_list_the_same_requirements(pyproject, environment):
-    ours = [parse(r) for r in pyproject_requirements(pyproject)]
-    theirs = [parse(r) for r in environment_pip(environment)]
-    assert len(set(n for n, _ in ours)) == len(ours), "a package is listed twice in pyproject.toml"
-    assert len(set(n for n, _ in theirs)) == len(theirs), "a package is listed twice in environment.yml"
-    only_pyproject = sorted(set(ours) - set(theirs))
-    only_environment = sorted(set(theirs) - set(ours))
-    assert not only_pyproject and not only_environment, (
-        f"pyproject.toml only: {only_pyproject}; environment.yml only: {only_environment}")
-
-
-def test_environment_installs_the_package_itself(environment):
-    pips = [d["pip"] for d in environment["dependencies"] if isinstance(d, dict) and "pip" in d][0]
-    assert "-e ." in [p.strip() for p in pips]
+    assert [p.split() for p in pips[0]] == [["-c", "constraints.txt"], ["-e", ".[course]"]]
     assert "pip" in environment["dependencies"]
-
-
-@pytest.mark.parametrize("name, pin", PINS.items())
-def test_torch_pins_are_exact_in_both(pyproject, environment, name, pin):
-    assert dict(parse(r) for r in pyproject["project"]["dependencies"]).get(name) == pin
-    assert dict(parse(r) for r in environment_pip(environment)).get(name) == pin
-
-
-def test_environment_asks_for_python_311(environment, pyproject):
     pythons = [d for d in environment["dependencies"] if isinstance(d, str) and re.match(r"python\b", d)]
     assert pythons == ["python=3.11"]
-    from packaging.specifiers import SpecifierSet
+    assert SpecifierSet(pyproject["project"]["requires-python"]).contains("3.11")
 
-    assert "3.11" in SpecifierSet(pyproject["project"]["requires-python"]), "pyproject must allow Python 3.11"
+
+def test_bootstrap_ci_and_readme_use_the_constraints_file():
+    assert bootstrap.install_command("py", constrained=True)[4:] == ["-c", "constraints.txt", "-e", ".[course]"]
+    assert "python3 -m course_utils test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "constraints.txt" in readme and "python -m course_utils test" in readme
+
+
+def test_license_is_an_spdx_string_and_setuptools_can_read_it(pyproject):
+    assert pyproject["project"]["license"] == "MIT"
+    assert not any("License ::" in c for c in pyproject["project"].get("classifiers", ()))
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert not setuptools.specifier.contains("76.1"), "SPDX license strings need setuptools >= 77"
 
 
 def test_slow_marker_is_registered(pyproject):
@@ -77,9 +133,22 @@ def test_slow_marker_is_registered(pyproject):
     assert any(m.startswith("slow:") for m in markers)
 
 
-def test_installed_versions_match_the_pins():
-    import torch
-    import torchvision
+@pytest.mark.slow
+def test_installing_the_course_keeps_the_installed_torch(tmp_path):
+    """pip's own resolver, offline, against this environment: installing course_utils must not replace torch.
 
-    assert torch.__version__.split("+")[0] == PINS["torch"][2:]
-    assert torchvision.__version__.split("+")[0] == PINS["torchvision"][2:]
+    ``--dry-run --report`` lists what pip would install; with ``--no-index`` it can only use what is installed,
+    so a range that refused this torch fails the resolution instead of downloading another one."""
+    import torch
+
+    report = tmp_path / "report.json"
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                             "--report", str(report), "--quiet", str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, f"pip could not resolve the course against torch {torch.__version__}:\n{result.stderr}"
+    would_install = {norm(item["metadata"]["name"]): item["metadata"]["version"]
+                     for item in json.loads(report.read_text())["install"]}
+    assert "torch" not in would_install and "torchvision" not in would_install, would_install
+    assert set(would_install) <= {"course-utils"}, f"pip would also install {would_install}"
+    assert seconds < 60, f"the resolution took {seconds:.0f} s"
