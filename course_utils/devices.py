@@ -5,10 +5,11 @@ reason). Every notebook prints :func:`describe_device` in its setup cell.
 
 What differs per device (the defaults :func:`~course_utils.train.fit` takes from here and from ``train``):
 
-* precision — bf16 autocast on CUDA and on CPUs with native bf16 (``train.default_amp``); **fp32 on MPS**
-  (bf16 there is not measured faster and older macOS versions lack it);
-* ``channels_last`` — CUDA, and ResNets on the CPU (``train.default_channels_last``); not on MPS, whose
-  convolutions take NCHW natively;
+* precision — bf16 autocast on CUDA; on a CPU with native bf16 whichever of bf16/fp32 measured faster for
+  the model and input size at hand (:mod:`course_utils.precision`, cached per machine); fp32 on other CPUs;
+  **fp32 on MPS** (bf16 there is not measured faster and older macOS versions lack it);
+* ``channels_last`` — CUDA, and ResNets on the CPU unless the measurement says otherwise
+  (``train.default_channels_last``); not on MPS, whose convolutions take NCHW natively;
 * fused AdamW — CPU, CUDA, and MPS where torch has the fused kernel (:func:`fused_adamw_supported`);
 * data on the device — ``TensorLoader`` draws its random crops with a CPU ``torch.Generator`` and resizes
   with ``F.interpolate(antialias=True)`` only when shrinking, both of which work on MPS
