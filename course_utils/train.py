@@ -457,6 +457,12 @@ class NonFiniteLossWatch:
             del self.optimizer.found_inf
 
 
+def _kept(checkpoint: Path | None, history: History) -> str:
+    """What a ``TrainingDiverged`` message says about the run's checkpoint."""
+    return (f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint
+            else "no checkpoint was asked for")
+
+
 def _unfreeze_on_exit(fit_fn):
     """However ``fit`` ends — returned, diverged, or interrupted (Kernel → Interrupt) — no group is left
     frozen (``requires_grad=False``) and the model is in eval mode, not half train / half eval.
@@ -595,8 +601,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         diverged = diverged or watch.first_bad()
         watch.close()
         if diverged is not None:
-            kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
-                else "no checkpoint was asked for"
+            kept = _kept(checkpoint, history)
             raise TrainingDiverged(f"loss became {diverged[1]} in epoch {plan.epoch} ({plan.stage}), "
                                    f"batch {diverged[0]}; "
                                    f"{kept}. Lower the learning rate of this stage ({plan.lr}).")
@@ -609,8 +614,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()  # one host sync, not one per tensor
         bad = next((n for (n, _), ok in zip(floats, finite) if not ok), None)
         if bad is not None:
-            kept = f"the last good checkpoint {checkpoint} (epoch {len(history)}) is kept" if checkpoint \
-                else "no checkpoint was asked for"
+            kept = _kept(checkpoint, history)
             raise TrainingDiverged(f"{bad} became NaN or infinite in epoch {plan.epoch} ({plan.stage}); {kept}. "
                                    f"Lower the learning rate of this stage ({plan.lr}).")
         train_seconds = time.perf_counter() - start
