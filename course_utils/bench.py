@@ -45,7 +45,7 @@ from . import data as cdata
 from . import precision
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
-from .train import default_amp, default_channels_last, default_device, evaluate, fit
+from .train import default_device, evaluate, fit
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
