@@ -12,7 +12,10 @@ In one run, on the same model, batch size, optimizer (AdamW) and images, it time
   reported in the table; cuDNN autotuning; a fused AdamW step);
 
 train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
-separately. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
+separately. The plain path runs in a process of its own (spawned, :class:`PlainProcess`), as the original
+lesson would: nothing the course sets for its own process (``fit``'s allocator setting on a Linux CPU,
+:func:`course_utils.devices.keep_freed_memory`; cuDNN autotuning) reaches it, and the two processes never
+compute at the same time — each waits while the other one's pass runs. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
 so a change in machine load hits them alike; a first pass of each is a warm-up and not counted. Figures are
 the medians of the repeats. The images are the CIFAR-10 the project has (a local copy, else the shipped
 subset, tiled to ``--images``) or, failing that, synthetic uint8 images of the same shape — never the network.
@@ -21,8 +24,8 @@ subset, tiled to ``--images``) or, failing that, synthetic uint8 images of the s
 from the same random initialisation on the ``quick`` preset's real split, once per seed (:func:`run_accuracy`).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the
-process's peak resident set (``VmHWM`` in ``/proc/self/status``, reset before each pass through
-``/proc/self/clear_refs``; the plain path's DataLoader worker processes are not included). Where the reset
+peak resident set of the path's own process (``VmHWM`` in ``/proc/self/status``, reset before each pass
+through ``/proc/self/clear_refs``; the plain path's DataLoader worker processes are not included). Where the reset
 is not possible it falls back to ``resource.getrusage(...).ru_maxrss``, the peak since the process started.
 ``step MB`` is the peak minus what was resident when the pass began (both models live in the process).
 """
@@ -30,19 +33,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import data as cdata
-from . import precision
+from . import devices, precision
 from .finetune import Schedule, Stage
 from .models import resnet18_cbam, vgg16_cbam
 from .train import default_device, evaluate, fit
@@ -162,6 +167,102 @@ def plain_evaluate(model, loader, device) -> tuple[int, float]:
     return seen, correct / max(seen, 1)
 
 
+def _plain_process(conn, spec: dict) -> None:
+    """The plain path's process (spawned by :class:`PlainProcess`): builds the plain models, optimizers and
+    DataLoaders, then answers ``"train"`` (one pass of every plain row) and ``"eval"`` until ``"stop"``."""
+    try:
+        torch.set_num_threads(spec["threads"])
+        device = torch.device(spec["device"])
+        x, y = torch.from_numpy(spec["images"]), torch.from_numpy(spec["labels"])
+        rows = {}
+        for name, lesson in spec["rows"].items():
+            torch.manual_seed(spec["seed"])
+            model = MODELS[spec["model"]](num_classes=10, weights=None).to(device)
+            rows[name] = (model, torch.optim.AdamW(model.parameters(), lr=LR),
+                          cdata.plain_loader(x, y, spec["batch_size"], train=True, image_size=spec["size"],
+                                             lesson=lesson, num_workers=spec["workers"], seed=spec["seed"]))
+        eval_loader = cdata.plain_loader(x, y, spec["batch_size"], train=False, image_size=spec["size"],
+                                         num_workers=spec["workers"])
+        memory = PeakMemory(device)
+        conn.send(("ready", memory.method))
+        while (command := conn.recv()) != "stop":
+            if command == "train":
+                out = {}
+                for name, (model, opt, loader) in rows.items():
+                    memory.reset()
+                    start = time.perf_counter()
+                    seen = plain_train_epoch(model, loader, opt, device)
+                    _sync(device)
+                    out[name] = (seen, time.perf_counter() - start, memory.peak())
+                conn.send(("train", out))
+            elif command == "eval":
+                memory.reset()
+                start = time.perf_counter()
+                seen, _ = plain_evaluate(rows["plain"][0], eval_loader, device)
+                _sync(device)
+                conn.send(("eval", (seen, time.perf_counter() - start, memory.peak())))
+    except BaseException:  # the parent raises it with this traceback
+        conn.send(("error", traceback.format_exc()))
+
+
+class PlainProcess:
+    """The plain path in a process of its own, driven pass by pass from the course's process.
+
+    Spawned (a fresh interpreter on every OS), so that it trains as the original lesson does, in a Python
+    that ``course_utils`` has configured nothing in; while it runs a pass, the caller waits on the pipe."""
+
+    START_TIMEOUT_S = 600
+
+    def __init__(self, spec: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        # not a daemon: its DataLoader starts worker processes of its own
+        self.process = ctx.Process(target=_plain_process, args=(child, spec), name="bench-plain", daemon=False)
+        self.process.start()
+        child.close()
+        self.memory_method = self._receive("ready", self.START_TIMEOUT_S)
+
+    def _receive(self, expected: str, timeout: float | None = None):
+        try:
+            if timeout is not None and not self.conn.poll(timeout):
+                raise RuntimeError(f"bench: the plain path's process did not start within {timeout:.0f} s")
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"bench: the plain path's process ended (exit code {self.process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"bench: the plain path failed in its process:\n{payload}")
+        assert kind == expected, (kind, expected)
+        return payload
+
+    def train_pass(self) -> dict:
+        """``{row: (images, seconds, (peak MB, step MB))}`` of one pass of every plain row."""
+        self.conn.send("train")
+        return self._receive("train")
+
+    def eval_pass(self) -> tuple:
+        self.conn.send("eval")
+        return self._receive("eval")
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send("stop")
+            except OSError:
+                pass
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # ------------------------------------------------------------------------------ the benchmark
 def _summary(samples: list[tuple[int, float]], mem: list[tuple[float, float]]) -> dict:
     rates = [n / s for n, s in samples]
@@ -203,16 +304,12 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
         torch.manual_seed(seed)
         return MODELS[model](num_classes=10, weights=None).to(device)
 
-    # plain: a fresh model and optimizer per augmentation, DataLoader with worker processes
-    plain = {"plain": {"lesson": False}}
-    if lesson:
-        plain["lesson"] = {"lesson": True}
-    for name, p in plain.items():
-        p["model"] = build()
-        p["opt"] = torch.optim.AdamW(p["model"].parameters(), lr=LR)
-        p["loader"] = cdata.plain_loader(x, y, batch_size, train=True, image_size=size, lesson=p["lesson"],
-                                         num_workers=workers, seed=seed)
-        p["samples"], p["mem"] = [], []
+    # plain: a fresh model and optimizer per augmentation, DataLoader with worker processes, in its own process
+    rows = {"plain": False, **({"lesson": True} if lesson else {})}
+    plain = {name: {"samples": [], "mem": []} for name in rows}
+    spec = {"device": str(device), "model": model, "seed": seed, "size": size, "batch_size": batch_size,
+            "workers": workers, "threads": torch.get_num_threads(), "rows": rows,
+            "images": x.numpy(), "labels": y.numpy()}
     # course: fit over a TensorLoader; one fit epoch per repeat (+1 warm-up)
     course_model = build()
     # fit's defaults, resolved once here (measured on a native-bf16 CPU, or cached) so that the loader
@@ -223,66 +320,57 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
                                        channels_last=cl)
     course = {"samples": [], "mem": [], "warmup_s": None}
     memory = PeakMemory(device)
-    bar = tqdm(total=(1 + repeats) * (len(plain) + 1), desc="bench train", disable=not progress)
-
-    def plain_pass(epoch: int) -> None:
-        flag = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = False  # the plain way does not autotune (fit switched it on)
-        try:
-            for p in plain.values():
-                memory.reset()
-                start = time.perf_counter()
-                seen = plain_train_epoch(p["model"], p["loader"], p["opt"], device)
-                _sync(device)
-                seconds = time.perf_counter() - start
-                if epoch > 0:
-                    p["samples"].append((seen, seconds))
-                    p["mem"].append(memory.peak())
-                bar.update(1)
-        finally:
-            torch.backends.cudnn.benchmark = flag
-
-    def after_course_epoch(history) -> None:
-        seen = len(course_loader) * batch_size  # drop_last: every batch is full
-        train_seconds = seen / history.rows[-1]["images_per_s"]  # fit's own timing of its training loop
-        if len(history) == 1:
-            course["warmup_s"] = train_seconds
-        else:
-            course["samples"].append((seen, train_seconds))
-            course["mem"].append(memory.peak())
-        bar.update(1)
-        plain_pass(len(history) - 1)
-        memory.reset()  # for fit's next epoch
-
-    memory.reset()
-    fit(course_model, Schedule([Stage("bench", 1 + repeats, "all", LR)]), course_loader, None, device=device,
-        progress=False, amp=course_amp, channels_last=cl, compile=compile, on_epoch_end=after_course_epoch)
-    bar.close()
-
-    # evaluation: plain DataLoader without augmentation + no_grad, vs fit's evaluate on an eval TensorLoader
-    plain_eval_loader = cdata.plain_loader(x, y, batch_size, train=False, image_size=size, num_workers=workers)
-    course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
-                                            channels_last=cl)
     ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
-    eval_model = plain["plain"]["model"]
-    for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
+    with PlainProcess(spec) as plain_process:
+        bar = tqdm(total=(1 + repeats) * (len(plain) + 1), desc="bench train", disable=not progress)
+
+        def plain_pass(epoch: int) -> None:
+            for name, (seen, seconds, mem) in plain_process.train_pass().items():
+                if epoch > 0:
+                    plain[name]["samples"].append((seen, seconds))
+                    plain[name]["mem"].append(mem)
+                bar.update(1)
+
+        def after_course_epoch(history) -> None:
+            seen = len(course_loader) * batch_size  # drop_last: every batch is full
+            train_seconds = seen / history.rows[-1]["images_per_s"]  # fit's own timing of its training loop
+            if len(history) == 1:
+                course["warmup_s"] = train_seconds
+            else:
+                course["samples"].append((seen, train_seconds))
+                course["mem"].append(memory.peak())
+            bar.update(1)
+            # the memory fit keeps between its steps goes back to the kernel while the other process trains,
+            # as it would be without the course's setting (on a VM, pages another process holds must be
+            # faulted in from the host: slower)
+            devices.release_freed_memory()
+            plain_pass(len(history) - 1)
+            memory.reset()  # for fit's next epoch
+
         memory.reset()
-        start = time.perf_counter()
-        seen, _ = plain_evaluate(eval_model, plain_eval_loader, device)
-        _sync(device)
-        if r:
-            ev["plain"]["samples"].append((seen, time.perf_counter() - start))
-            ev["plain"]["mem"].append(memory.peak())
-        memory.reset()
-        start = time.perf_counter()
-        evaluate(course_model, course_eval_loader, device, course_amp)
-        _sync(device)
-        if r:
-            ev["course"]["samples"].append((n, time.perf_counter() - start))
-            ev["course"]["mem"].append(memory.peak())
-    del plain_eval_loader
-    for p in plain.values():
-        del p["loader"]  # stops the persistent workers
+        fit(course_model, Schedule([Stage("bench", 1 + repeats, "all", LR)]), course_loader, None, device=device,
+            progress=False, amp=course_amp, channels_last=cl, compile=compile, on_epoch_end=after_course_epoch)
+        bar.close()
+
+        # evaluation: plain DataLoader without augmentation + no_grad (the plain model, in its process),
+        # vs fit's evaluate on an eval TensorLoader
+        course_eval_loader = cdata.TensorLoader(x, y, batch_size, train=False, image_size=size, device=device,
+                                                channels_last=cl)
+        devices.keep_freed_memory(device)  # as inside fit, which evaluates between its epochs
+        for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
+            devices.release_freed_memory()
+            seen, seconds, mem = plain_process.eval_pass()
+            if r:
+                ev["plain"]["samples"].append((seen, seconds))
+                ev["plain"]["mem"].append(mem)
+            memory.reset()
+            start = time.perf_counter()
+            evaluate(course_model, course_eval_loader, device, course_amp)
+            _sync(device)
+            if r:
+                ev["course"]["samples"].append((n, time.perf_counter() - start))
+                ev["course"]["mem"].append(memory.peak())
+        devices.release_freed_memory()
 
     train = {name: _summary(p["samples"], p["mem"]) for name, p in plain.items()}
     train["course"] = _summary(course["samples"], course["mem"])
@@ -296,6 +384,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
         "config": {"device": str(device), "model": model, "image_size": image_size, "images": n,
                    "repeats": repeats, "batch_size": batch_size, "workers": workers, "compile": compile,
                    "course_amp": course_amp, "course_channels_last": cl, "precision": choice.as_dict(),
+                   "course_malloc": devices.malloc_state(), "plain_process": "spawned, its own",
                    "optimizer": "AdamW",
                    "threads": torch.get_num_threads(), "data": source, "seed": seed},
         "machine": machine_info(device, load_start),
@@ -418,6 +507,8 @@ def format_table(result: dict) -> str:
               f"{', torch.compile' if c['compile'] else ''}; first-epoch overhead "
               f"{result['course_first_epoch_overhead_s']:.1f} s (warm-up{', compilation' if c['compile'] else ''})",
               f"precision choice: {precision.Choice(**c['precision'])}" if "precision" in c else "",
+              f"course process memory: {c['course_malloc']}; the plain path ran in a process of its own"
+              if "course_malloc" in c else "",
               f"memory: {result['memory_method']}"]
     # the benchmark's own threads and workers raise the load while it runs, so only the load it started
     # under says whether something else was competing for the CPU

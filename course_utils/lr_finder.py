@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import precision
+from . import devices, precision
 from .finetune import EpochPlan, Schedule, Stage, make_optimizer
 from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
 
@@ -355,6 +355,7 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
             bar.close()
     finally:
         snapshot.restore()
+        devices.release_freed_memory()
     if progress:
         for note in result.notes:
             print(f"lr_find: {note}")

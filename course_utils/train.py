@@ -359,9 +359,12 @@ def predict(model: nn.Module, loader, device=None) -> tuple[torch.Tensor, torch.
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None,
                   image_size=None, batch_size: int | None = None) -> bool:
     """Per-run setup of ``fit`` (and of ``lr_find``): the model on ``device``, channels-last when asked
-    (default: :func:`default_channels_last` for this input size and batch size); returns that choice."""
+    (default: :func:`default_channels_last` for this input size and batch size), and on a Linux CPU the
+    memory of each step kept for the next (:func:`~course_utils.devices.keep_freed_memory`); returns the
+    channels-last choice."""
     if channels_last is None:
         channels_last = default_channels_last(model, device, image_size, batch_size)
+    devices.keep_freed_memory(device)  # on a Linux CPU: no page faults per step (see devices.py)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -482,6 +485,7 @@ def _unfreeze_on_exit(fit_fn):
         try:
             history = fit_fn(model, *args, **kwargs)
         except (BatchError, CheckpointError):
+            devices.release_freed_memory()
             for p, required in zip(model.parameters(), requires):
                 p.requires_grad_(required)
             for m, training in zip(model.modules(), modes):
@@ -489,8 +493,10 @@ def _unfreeze_on_exit(fit_fn):
             raise
         except BaseException:
             _unfreeze(model)
+            devices.release_freed_memory()
             raise
         _unfreeze(model)
+        devices.release_freed_memory()  # what the steps kept (keep_freed_memory) goes back to the kernel
         return history
     return wrapper
 

@@ -204,3 +204,18 @@ def test_a_torchvision_built_for_another_torch_blocks_with_the_matching_index(tm
     (vision,) = by_topic(doctor.check_torch(probes), "torchvision")
     assert vision.level == doctor.FAIL and "torchvision::nms" in vision.text
     assert vision.fix.endswith("torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu")
+
+
+def test_doctor_says_what_fit_does_with_the_cpu_memory(tmp_path, monkeypatch):
+    from course_utils import devices
+
+    monkeypatch.setitem(devices._malloc, "libc", object())  # as on glibc
+    (kept,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={})), "memory")
+    assert kept.level == doctor.NOTE and "keeps each training step's memory" in kept.text and "COURSE_MALLOC=default" in kept.text
+    (off,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "default"})), "memory")
+    assert "leaves glibc's malloc as it is" in off.text
+    (wrong,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "tcmalloc"})), "memory")
+    assert wrong.level == doctor.WARN and "refused" in wrong.text and "COURSE_MALLOC=keep" in wrong.fix
+    monkeypatch.setitem(devices._malloc, "libc", False)  # macOS, Windows
+    (other,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={})), "memory")
+    assert "not glibc" in other.text
