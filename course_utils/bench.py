@@ -15,8 +15,9 @@ train steps (forward, backward, optimizer step, *including* data loading and aug
 separately. The plain path runs in a process of its own (spawned, :class:`PlainProcess`), as the original
 lesson would: nothing the course sets for its own process (``fit``'s allocator setting on a Linux CPU,
 :func:`course_utils.devices.keep_freed_memory`; cuDNN autotuning) reaches it, and the two processes never
-compute at the same time — each waits while the other one's pass runs. Each repeat is one pass over the images; the paths take turns (plain, lesson, course, plain, …)
-so a change in machine load hits them alike; a first pass of each is a warm-up and not counted. Figures are
+compute at the same time — each waits while the other one's pass runs. Each repeat is one pass over the
+images; the paths take turns (plain, lesson, course, plain, …) so a change in machine load hits them
+alike; a first pass of each is a warm-up and not counted. Figures are
 the medians of the repeats. The images are the CIFAR-10 the project has (a local copy, else the shipped
 subset, tiled to ``--images``) or, failing that, synthetic uint8 images of the same shape — never the network.
 
@@ -25,9 +26,10 @@ from the same random initialisation on the ``quick`` preset's real split, once p
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the
 peak resident set of the path's own process (``VmHWM`` in ``/proc/self/status``, reset before each pass
-through ``/proc/self/clear_refs``; the plain path's DataLoader worker processes are not included). Where the reset
-is not possible it falls back to ``resource.getrusage(...).ru_maxrss``, the peak since the process started.
-``step MB`` is the peak minus what was resident when the pass began (both models live in the process).
+through ``/proc/self/clear_refs``; the plain path's DataLoader worker processes are not included). Where
+the reset is not possible it falls back to ``resource.getrusage(...).ru_maxrss``, the peak since the process
+started. ``step MB`` is the peak minus what was resident when the pass began (the plain process holds both
+plain rows' models).
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ def _plain_process(conn, spec: dict) -> None:
         eval_loader = cdata.plain_loader(x, y, spec["batch_size"], train=False, image_size=spec["size"],
                                          num_workers=spec["workers"])
         memory = PeakMemory(device)
-        conn.send(("ready", memory.method))
+        conn.send(("ready", None))
         while (command := conn.recv()) != "stop":
             if command == "train":
                 out = {}
@@ -220,7 +222,7 @@ class PlainProcess:
         self.process = ctx.Process(target=_plain_process, args=(child, spec), name="bench-plain", daemon=False)
         self.process.start()
         child.close()
-        self.memory_method = self._receive("ready", self.START_TIMEOUT_S)
+        self._receive("ready", self.START_TIMEOUT_S)
 
     def _receive(self, expected: str, timeout: float | None = None):
         try:
@@ -384,7 +386,7 @@ def run_bench(device: str | None = None, model: str = "resnet18_cbam", image_siz
         "config": {"device": str(device), "model": model, "image_size": image_size, "images": n,
                    "repeats": repeats, "batch_size": batch_size, "workers": workers, "compile": compile,
                    "course_amp": course_amp, "course_channels_last": cl, "precision": choice.as_dict(),
-                   "course_malloc": devices.malloc_state(), "plain_process": "spawned, its own",
+                   "course_malloc": devices.malloc_state(),
                    "optimizer": "AdamW",
                    "threads": torch.get_num_threads(), "data": source, "seed": seed},
         "machine": machine_info(device, load_start),

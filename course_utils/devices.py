@@ -112,6 +112,16 @@ def _glibc():
     return _malloc["libc"] or None
 
 
+def _malloc_setting(env: dict | None) -> str:
+    """``$COURSE_MALLOC``: ``"keep"`` (also when unset) or ``"default"``; anything else is refused."""
+    env = os.environ if env is None else env
+    wanted = env.get(MALLOC_ENV, "keep").strip().lower() or "keep"
+    if wanted not in ("keep", "default"):
+        raise ValueError(f"{MALLOC_ENV}={env.get(MALLOC_ENV)!r}: use keep (the default) or default "
+                         f"(leave glibc's malloc as it is)")
+    return wanted
+
+
 def keep_freed_memory(device="cpu", env: dict | None = None) -> str:
     """Before training on the CPU with glibc (Linux): serve large tensors from the heap instead of fresh
     ``mmap``s (``M_MMAP_MAX=0``) and do not give freed memory back to the kernel while training
@@ -120,13 +130,9 @@ def keep_freed_memory(device="cpu", env: dict | None = None) -> str:
     kept once set; :func:`release_freed_memory` (called at the end of ``fit``) returns the free memory.
     The peak is unchanged. Returns what was done, in words (also :func:`malloc_state`); does nothing on
     other devices, on other C libraries, or with ``COURSE_MALLOC=default``."""
-    env = os.environ if env is None else env
     if torch.device(device).type != "cpu":
         return malloc_state()
-    wanted = env.get(MALLOC_ENV, "keep").strip().lower() or "keep"
-    if wanted not in ("keep", "default"):
-        raise ValueError(f"{MALLOC_ENV}={env.get(MALLOC_ENV)!r}: use keep (the default) or default "
-                         f"(leave glibc's malloc as it is)")
+    wanted = _malloc_setting(env)
     if _malloc["state"] and _malloc["state"].startswith("kept"):
         return _malloc["state"]
     libc = _glibc()
@@ -156,13 +162,10 @@ def malloc_state() -> str:
 
 
 def malloc_plan(env: dict | None = None) -> str:
-    """What ``fit`` on the CPU will do with glibc's malloc here (for ``doctor``), without doing it."""
-    env = os.environ if env is None else env
-    wanted = env.get(MALLOC_ENV, "keep").strip().lower() or "keep"
-    if wanted == "default":
+    """What ``fit`` on the CPU will do with glibc's malloc here (for ``doctor``), without doing it; a wrong
+    ``$COURSE_MALLOC`` raises the ``ValueError`` that ``fit`` would."""
+    if _malloc_setting(env) == "default":
         return f"fit leaves glibc's malloc as it is ({MALLOC_ENV}=default)"
-    if wanted != "keep":
-        return f"{MALLOC_ENV}={env.get(MALLOC_ENV)!r} is refused by fit: use keep or default"
     if _glibc() is None:
         return f"fit leaves the C library's malloc alone here (not glibc: {sys.platform})"
     return (f"fit keeps each training step's memory for the next (glibc mallopt; no page faults per step) and "

@@ -252,9 +252,11 @@ def check_cpu(p: Probes) -> list[Finding]:
     findings = [Finding(OK if not fix else NOTE, "cpu", text, fix)]
     devices = p.module("course_utils.devices")
     if devices is not None:
-        plan = devices.malloc_plan(p.environ())
-        findings.append(Finding(WARN if "refused" in plan else NOTE, "memory", plan,
-                                f"set {devices.MALLOC_ENV}=keep or unset it" if "refused" in plan else ""))
+        try:
+            findings.append(Finding(NOTE, "memory", devices.malloc_plan(p.environ())))
+        except ValueError as err:  # fit refuses the setting
+            findings.append(Finding(WARN, "memory", f"{err}; fit refuses it",
+                                    f"set {devices.MALLOC_ENV}=keep or unset it"))
     # what precision.py measured and cached on this machine (bf16/fp32, channels_last), and its overrides
     precision = p.module("course_utils.precision")
     for line in (precision.describe().splitlines()[1:] if precision is not None else []):

@@ -215,7 +215,7 @@ def test_doctor_says_what_fit_does_with_the_cpu_memory(tmp_path, monkeypatch):
     (off,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "default"})), "memory")
     assert "leaves glibc's malloc as it is" in off.text
     (wrong,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "tcmalloc"})), "memory")
-    assert wrong.level == doctor.WARN and "refused" in wrong.text and "COURSE_MALLOC=keep" in wrong.fix
+    assert wrong.level == doctor.WARN and "fit refuses it" in wrong.text and "COURSE_MALLOC=keep" in wrong.fix
     monkeypatch.setitem(devices._malloc, "libc", False)  # macOS, Windows
     (other,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={})), "memory")
     assert "not glibc" in other.text
