@@ -96,6 +96,7 @@ MALLOC_ENV = "COURSE_MALLOC"  # "keep" (default): keep_freed_memory tunes glibc;
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1  # largest value mallopt's int takes: free memory stays in the process
 _malloc = {"state": None, "libc": None}  # what keep_freed_memory did (state) and the C library it used
+_KEPT = "kept: glibc malloc serves large tensors from the heap and keeps freed memory while fit trains"
 
 
 def _glibc():
@@ -112,8 +113,9 @@ def _glibc():
     return _malloc["libc"] or None
 
 
-def _malloc_setting(env: dict | None) -> str:
-    """``$COURSE_MALLOC``: ``"keep"`` (also when unset) or ``"default"``; anything else is refused."""
+def malloc_setting(env: dict | None = None) -> str:
+    """``$COURSE_MALLOC``: ``"keep"`` (also when unset) or ``"default"``; anything else is refused (``fit``
+    checks it with its other arguments, before anything changes)."""
     env = os.environ if env is None else env
     wanted = env.get(MALLOC_ENV, "keep").strip().lower() or "keep"
     if wanted not in ("keep", "default"):
@@ -132,16 +134,16 @@ def keep_freed_memory(device="cpu", env: dict | None = None) -> str:
     other devices, on other C libraries, or with ``COURSE_MALLOC=default``."""
     if torch.device(device).type != "cpu":
         return malloc_state()
-    wanted = _malloc_setting(env)
-    if _malloc["state"] and _malloc["state"].startswith("kept"):
-        return _malloc["state"]
+    wanted = malloc_setting(env)
+    if _malloc["state"] == _KEPT:
+        return _KEPT
     libc = _glibc()
     if wanted == "default":
         _malloc["state"] = f"glibc defaults ({MALLOC_ENV}=default)"
     elif libc is None:
         _malloc["state"] = f"left alone: not glibc ({sys.platform})"
     elif libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD):
-        _malloc["state"] = "kept: glibc malloc serves large tensors from the heap and keeps freed memory while fit trains"
+        _malloc["state"] = _KEPT
     else:
         _malloc["state"] = "left alone: glibc refused mallopt"
     return _malloc["state"]
@@ -151,7 +153,7 @@ def release_freed_memory() -> bool:
     """Give the memory ``fit`` freed back to the kernel (``malloc_trim``), where :func:`keep_freed_memory`
     kept it. Returns whether anything was returned."""
     libc = _glibc()
-    if libc is None or not (_malloc["state"] or "").startswith("kept"):
+    if libc is None or _malloc["state"] != _KEPT:
         return False
     return bool(libc.malloc_trim(0))
 
@@ -164,7 +166,7 @@ def malloc_state() -> str:
 def malloc_plan(env: dict | None = None) -> str:
     """What ``fit`` on the CPU will do with glibc's malloc here (for ``doctor``), without doing it; a wrong
     ``$COURSE_MALLOC`` raises the ``ValueError`` that ``fit`` would."""
-    if _malloc_setting(env) == "default":
+    if malloc_setting(env) == "default":
         return f"fit leaves glibc's malloc as it is ({MALLOC_ENV}=default)"
     if _glibc() is None:
         return f"fit leaves the C library's malloc alone here (not glibc: {sys.platform})"

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import keep_freed_memory
+
 CACHE_VERSION = 2  # 2: timed under the allocator setting fit trains with (devices.keep_freed_memory)
 ENV_AMP, ENV_CHANNELS_LAST, ENV_MODE = "COURSE_AMP", "COURSE_CHANNELS_LAST", "COURSE_PRECISION"
 MIN_BF16_SIDE = 32
@@ -238,8 +240,6 @@ def measure(model: nn.Module, image_size, batch_size: int = 128, candidates=tupl
     """Train images/s of each candidate (names of :data:`CANDIDATES`): forward, cross-entropy and backward
     of a copy of ``model`` (all parameters trainable) on random images of ``image_size`` at ``batch_size``,
     on the CPU. The candidates take turns, ``warmup`` rounds are not counted, the median of ``steps`` is."""
-    from .devices import keep_freed_memory
-
     h, w = _sides(image_size)
     keep_freed_memory("cpu")  # time the candidates as fit will run them
     probe = copy.deepcopy(model).cpu().train()

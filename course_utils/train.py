@@ -287,6 +287,7 @@ def check_fit_arguments(model, schedule, *, label_smoothing: float = 0.0, on_epo
     if on_epoch_end is not None and not callable(on_epoch_end):
         raise TypeError(f"on_epoch_end must be a function called with the History after each epoch, "
                         f"got {type(on_epoch_end).__name__}")
+    devices.malloc_setting()  # a wrong COURSE_MALLOC, refused here rather than from prepare_model
     schedule.plan_for(model)
 
 

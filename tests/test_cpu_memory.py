@@ -143,3 +143,19 @@ def test_the_plain_path_runs_in_a_process_of_its_own_without_the_course_setting(
     with pytest.raises(RuntimeError, match=r"plain path failed in its process:(.|\n)*KeyError: 'nonexistent'"):
         with bench.PlainProcess({**spec, "model": "nonexistent"}):
             pass
+
+
+def test_fit_refuses_a_wrong_setting_before_anything_changes(fresh, monkeypatch):
+    libc = fresh(FakeLibc())
+    monkeypatch.setenv("COURSE_MALLOC", "jemalloc")
+    model = resnet18_cbam(num_classes=10, weights=None)
+    for p in model.layer1.parameters():
+        p.requires_grad_(False)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="COURSE_MALLOC='jemalloc'"):
+        train.fit(model, Schedule([Stage("all", 1, "all", 1e-3)]), [(torch.randn(4, 3, 32, 32), torch.arange(4))],
+                  device="cpu", progress=False)
+    assert model.training and not any(p.requires_grad for p in model.layer1.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert libc.calls == []
