@@ -8,4 +8,5 @@ instructor's schedule designer, ``bench`` the benchmark (``python -m course_util
 ``bootstrap`` sets up ``.venv`` with the standard library only, ``doctor`` checks the machine.
 Nothing is imported here, so ``python -m course_utils`` starts with a bare Python.
 """
+
 __version__ = "0.1.0"

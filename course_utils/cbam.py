@@ -16,6 +16,7 @@ Two initialisations:
   starts at zero, so both gates are exactly 1 and the module returns its input unchanged; gradients
   still reach its parameters, so it learns from the first step.
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ statistics), and measures the jump at each stage boundary; :func:`summarize_stud
 :func:`resolve_config` sizes a notebook: the generic preset, then the notebook's own preset table, then
 the ``parameters`` cell's values that are not ``None`` (papermill ``-p``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import data as cdata
-from .finetune import BN_POLICIES, Schedule, three_stage_schedule
+from .batchnorm import BN_POLICIES
+from .finetune import Schedule, three_stage_schedule
+from .machinery.presets import check_sizes, preset_name, resolve
 from .models import layer_groups, resnet18_cbam, transplant
-from .presets import check_sizes, preset_name, resolve
 from .train import History, check_writable, fit, seed_everything
 
 RESULTS_ROOT = Path(os.environ.get("COURSE_RESULTS", Path(__file__).resolve().parents[1] / "results"))
@@ -87,8 +89,17 @@ def trainable_per_epoch(model, schedule: Schedule) -> list[int]:
     return [sum(sizes[g] for g in plan.trainable) for plan in schedule.plan_for(model)]
 
 
-def run_cached(name: str, build_model: Callable[[], object], schedule: Schedule, loaders: Sequence,
-               results_dir: str | os.PathLike, config: Mapping, *, retrain: bool = False, **fit_kwargs) -> History:
+def run_cached(
+    name: str,
+    build_model: Callable[[], object],
+    schedule: Schedule,
+    loaders: Sequence,
+    results_dir: str | os.PathLike,
+    config: Mapping,
+    *,
+    retrain: bool = False,
+    **fit_kwargs,
+) -> History:
     """Train ``build_model()`` through ``schedule`` on ``loaders`` = (train, val), or reload the saved run.
 
     The model is built after ``seed_everything(config["seed"])`` (default 0), so runs with the same seed
@@ -100,7 +111,9 @@ def run_cached(name: str, build_model: Callable[[], object], schedule: Schedule,
     path = run_path(name, schedule, results_dir, _with_fit_options(config, fit_kwargs))
     if path.exists() and not retrain:
         history = History.load(path)
-        print(f"{name}: loaded {_shown(path)} (trained earlier; delete it or pass retrain=True to train again)")
+        print(
+            f"{name}: loaded {_shown(path)} (trained earlier; delete it or pass retrain=True to train again)"
+        )
         return history
     check_writable(path)  # before training, not after it
     seed_everything(int(config.get("seed", 0)))
@@ -108,8 +121,12 @@ def run_cached(name: str, build_model: Callable[[], object], schedule: Schedule,
     trainable = trainable_per_epoch(model, schedule)
     train_loader, val_loader = loaders
     history = fit(model, schedule, train_loader, val_loader, **fit_kwargs)
-    history.meta.update(name=name, config=dict(config), trainable_params=trainable,
-                        total_params=sum(p.numel() for p in model.parameters()))
+    history.meta.update(
+        name=name,
+        config=dict(config),
+        trainable_params=trainable,
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
     history.save(path)
     print(f"{name}: trained {len(history)} epochs in {sum(history['seconds']):.0f} s, saved {_shown(path)}")
     return history
@@ -129,10 +146,16 @@ def comparison_table(histories: Mapping[str, History]) -> list[dict]:
             trainable = f"{counts[0]:,}" if counts[0] == counts[-1] else f"{counts[0]:,} → {counts[-1]:,}"
         else:
             trainable = "?"
-        rows.append({"strategy": label, "epochs": len(h),
-                     "final val acc": round(val[-1], 3) if val else None,
-                     "best val acc": round(max(val), 3) if val else None,
-                     "seconds": round(sum(h["seconds"]), 1), "trainable params": trainable})
+        rows.append(
+            {
+                "strategy": label,
+                "epochs": len(h),
+                "final val acc": round(val[-1], 3) if val else None,
+                "best val acc": round(max(val), 3) if val else None,
+                "seconds": round(sum(h["seconds"]), 1),
+                "trainable params": trainable,
+            }
+        )
     return rows
 
 
@@ -144,7 +167,7 @@ def format_table(rows: Sequence[Mapping], floatfmt: str | Mapping[str, str] = ".
     if not rows:
         return "(no rows)"
     keys = list(rows[0])
-    formats = dict(floatfmt) if isinstance(floatfmt, Mapping) else {k: floatfmt for k in keys}
+    formats = dict(floatfmt) if isinstance(floatfmt, Mapping) else dict.fromkeys(keys, floatfmt)
 
     def cell(v, key):
         if isinstance(v, float):
@@ -154,16 +177,22 @@ def format_table(rows: Sequence[Mapping], floatfmt: str | Mapping[str, str] = ".
         return "-" if v is None else str(v)
 
     cells = [[cell(r.get(k), k) for k in keys] for r in rows]
-    numeric = [all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows) for k in keys]
+    numeric = [
+        all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows) for k in keys
+    ]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
 
     def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ).rstrip()
 
     return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
 
-def print_table(rows: Sequence[Mapping], title: str | None = None, floatfmt: str | Mapping[str, str] = ".3f") -> None:
+def print_table(
+    rows: Sequence[Mapping], title: str | None = None, floatfmt: str | Mapping[str, str] = ".3f"
+) -> None:
     """Print :func:`format_table` (with a title line): plain text, so nbval compares it exactly."""
     if title:
         print(title)
@@ -171,14 +200,29 @@ def print_table(rows: Sequence[Mapping], title: str | None = None, floatfmt: str
 
 
 # ------------------------------------------------------------------------------ BatchNorm policies
-def train_backbone(train_loader, val_loader=None, *, epochs: int = 3, lr: float = 1e-3, seed: int = 0,
-                   stem: str = "imagenet", progress: bool = False, **fit_kwargs):
+def train_backbone(
+    train_loader,
+    val_loader=None,
+    *,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    seed: int = 0,
+    stem: str = "imagenet",
+    progress: bool = False,
+    **fit_kwargs,
+):
     """A plain ResNet18 (no CBAM) trained from random weights on ``train_loader``: a backbone whose
     BatchNorm statistics are real (estimated on these images), the stand-in for pretrained weights offline."""
     seed_everything(seed)
     plain = resnet18_cbam(weights=None, placement=None, stem=stem)
-    fit(plain, Schedule.from_dict([{"name": "backbone", "epochs": epochs, "trainable": ["all"], "lr": lr}]),
-        train_loader, val_loader, progress=progress, **fit_kwargs)
+    fit(
+        plain,
+        Schedule.from_dict([{"name": "backbone", "epochs": epochs, "trainable": ["all"], "lr": lr}]),
+        train_loader,
+        val_loader,
+        progress=progress,
+        **fit_kwargs,
+    )
     return plain
 
 
@@ -188,16 +232,33 @@ def boundary_jumps(history: History) -> list[dict]:
     rows, by_epoch = [], {r["epoch"]: r for r in history.rows}
     for stage, first, _ in history.stages()[1:]:
         before, after = by_epoch[first - 1], by_epoch[first]
-        rows.append({"stage": stage, "epoch": first, "train_loss_jump": after["train_loss"] - before["train_loss"],
-                     "val_acc_jump": None if after["val_acc"] is None else after["val_acc"] - before["val_acc"]})
+        rows.append(
+            {
+                "stage": stage,
+                "epoch": first,
+                "train_loss_jump": after["train_loss"] - before["train_loss"],
+                "val_acc_jump": None if after["val_acc"] is None else after["val_acc"] - before["val_acc"],
+            }
+        )
     return rows
 
 
-def bn_policy_study(cifar, *, start: str = "random", policies: Sequence[str] = BN_POLICIES,
-                    seeds: Sequence[int] = (0, 1, 2), epochs: Sequence[int] = (2, 2, 2),
-                    lrs: Sequence[float] = (1e-3, 1e-4, 1e-5), batch_size: int = 128, backbone_epochs: int = 3,
-                    backbone_lr: float = 1e-3, bn_batches: int = 16, stem: str = "imagenet", device=None,
-                    progress: bool = False) -> tuple[list[dict], dict]:
+def bn_policy_study(
+    cifar,
+    *,
+    start: str = "random",
+    policies: Sequence[str] = BN_POLICIES,
+    seeds: Sequence[int] = (0, 1, 2),
+    epochs: Sequence[int] = (2, 2, 2),
+    lrs: Sequence[float] = (1e-3, 1e-4, 1e-5),
+    batch_size: int = 128,
+    backbone_epochs: int = 3,
+    backbone_lr: float = 1e-3,
+    bn_batches: int = 16,
+    stem: str = "imagenet",
+    device=None,
+    progress: bool = False,
+) -> tuple[list[dict], dict]:
     """The course's three-stage schedule under each BatchNorm policy, for each seed, on ``cifar`` (CifarData).
 
     ``start``: ``"random"`` (random weights, as offline) or ``"trained"`` (a plain ResNet18 trained first for
@@ -216,16 +277,32 @@ def bn_policy_study(cifar, *, start: str = "random", policies: Sequence[str] = B
         train_loader, val_loader = cdata.make_loaders(cifar, batch_size, seed=seed, device=device)
         backbone = None
         if start == "trained":
-            backbone = train_backbone(train_loader, val_loader, epochs=backbone_epochs, lr=backbone_lr, seed=seed,
-                                      stem=stem, progress=progress, device=device)
+            backbone = train_backbone(
+                train_loader,
+                val_loader,
+                epochs=backbone_epochs,
+                lr=backbone_lr,
+                seed=seed,
+                stem=stem,
+                progress=progress,
+                device=device,
+            )
         for policy in policies:
             seed_everything(seed)
             model = resnet18_cbam(weights=None, placement="stage", stem=stem)
             if backbone is not None:
                 left = transplant(backbone, model)
                 assert all("cbam" in k.split(".") for k in left), left
-            history = fit(model, schedule, train_loader, val_loader, bn_policy=policy, bn_batches=bn_batches,
-                          progress=progress, device=device)
+            history = fit(
+                model,
+                schedule,
+                train_loader,
+                val_loader,
+                bn_policy=policy,
+                bn_batches=bn_batches,
+                progress=progress,
+                device=device,
+            )
             histories[policy, seed] = history
             rows.append({"start": start, "policy": policy, "seed": seed, **policy_row(history)})
     return rows, histories
@@ -265,17 +342,26 @@ def summarize_study(rows: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def compare_bn_policies(model_fn: Callable[[], object], schedule: Schedule, train_loader, val_loader, *,
-                        policies: Sequence[str] = BN_POLICIES, seed: int = 0, probe=None, layer: str | None = None,
-                        **fit_kwargs) -> tuple[dict, dict]:
+def compare_bn_policies(
+    model_fn: Callable[[], object],
+    schedule: Schedule,
+    train_loader,
+    val_loader,
+    *,
+    policies: Sequence[str] = BN_POLICIES,
+    seed: int = 0,
+    probe=None,
+    layer: str | None = None,
+    **fit_kwargs,
+) -> tuple[dict, dict]:
     """``schedule`` once per BatchNorm policy from ``model_fn()`` (after ``seed_everything(seed)``, so every
     policy starts from the same weights and sees the same batches).
 
     With ``probe`` (a batch of images) and ``layer`` (a BatchNorm's name, e.g. ``"layer3.0.bn1"``), that
-    layer's stored and batch statistics (:func:`~course_utils.finetune.bn_statistics`) are recorded before
+    layer's stored and batch statistics (:func:`~course_utils.batchnorm.bn_statistics`) are recorded before
     training and after every epoch. Returns ``({policy: History}, {policy: [row per epoch, from epoch 0]})``.
     """
-    from .finetune import bn_statistics
+    from .batchnorm import bn_statistics
 
     histories, stats = {}, {}
     for policy in policies:
@@ -286,12 +372,23 @@ def compare_bn_policies(model_fn: Callable[[], object], schedule: Schedule, trai
         def record(history, model=model, rows=rows):
             if probe is not None and layer is not None:
                 group = next(r for r in bn_statistics(model, probe) if r["layer"] == layer)
-                rows.append({"epoch": len(history) if history is not None else 0,
-                             "stage": history.rows[-1]["stage"] if history is not None else "(start)", **group})
+                rows.append(
+                    {
+                        "epoch": len(history) if history is not None else 0,
+                        "stage": history.rows[-1]["stage"] if history is not None else "(start)",
+                        **group,
+                    }
+                )
 
         record(None)
         user_hook = fit_kwargs.pop("on_epoch_end", None)
-        histories[policy] = fit(model, schedule, train_loader, val_loader, bn_policy=policy,
-                                on_epoch_end=lambda h, record=record: (record(h), user_hook and user_hook(h)),
-                                **fit_kwargs)
+        histories[policy] = fit(
+            model,
+            schedule,
+            train_loader,
+            val_loader,
+            bn_policy=policy,
+            on_epoch_end=lambda h, record=record: (record(h), user_hook and user_hook(h)),
+            **fit_kwargs,
+        )
     return histories, stats

@@ -13,41 +13,31 @@ VGG16's block4 and block5 — so one schedule fits both) and ``"all"``. ``lr`` i
 where a group's own entry beats an alias. All parameters are in the optimizer from the start; a frozen
 group simply has learning rate 0, no gradients and its BatchNorm layers in eval mode.
 
-What a group's BatchNorm layers do when the group trains is the BatchNorm policy (``BN_POLICIES``), one
-per run (``fit(..., bn_policy=...)``) or per stage (``Stage(..., bn="frozen")``, ``None`` = the run's):
-
-* ``"train"`` — trained groups' BatchNorm in train mode (batch statistics, running statistics updated),
-  frozen groups' in eval mode. At the epoch a group is unfrozen its layers switch from the stored
-  statistics to the batch's at once: the dip at a stage boundary.
-* ``"frozen"`` — pretrained groups' BatchNorm stays in eval mode for the whole run, its running
-  statistics exactly as loaded (as ``FrozenBatchNorm2d`` in detectron2/timm); its weight and bias still
-  train when the group does. New groups' BatchNorm (CBAM's, a new stem's) trains as under ``"train"``.
-* ``"recalibrate"`` — as ``"train"``, but before the stage starts the running statistics of the groups it
-  unfreezes (before the first stage: of every pretrained group) are re-estimated on training batches
-  (:func:`recalibrate_bn`, AdaBN, Li et al. 2016), so that the stored and the batch statistics agree.
+What a group's BatchNorm layers do when it trains is the BatchNorm policy, one per run or per stage:
+see :mod:`course_utils.batchnorm`.
 """
+
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .checks import stage_lengths, whole_number
-from .devices import fused_adamw_supported
-from .models import group_modules, group_names, group_of, layer_groups
+from .batchnorm import check_bn_policy
+from .machinery.checks import positive_number, stage_lengths, whole_number
+from .machinery.devices import fused_adamw_supported
+from .models import NEW_GROUPS, group_modules, layer_groups, new_groups_of
 
 ALIASES = ("new", "pretrained", "high", "all")
-BN_POLICIES = ("train", "frozen", "recalibrate")
 HIGH_STAGES = 2  # "high": the last two stages of a model (its high-level, most task-specific features)
 
 
 def default_high_groups(groups: Sequence[str], new_groups: Collection[str]) -> tuple[str, ...]:
     """``"high"`` for a list of group names without a model: the last two groups that are stages
     (neither new, nor ``cbam`` / ``head``)."""
-    stages = [g for g in groups if g not in new_groups and g not in ("cbam", "head")]
+    stages = [g for g in groups if g not in new_groups and g not in NEW_GROUPS]
     return tuple(stages[-HIGH_STAGES:])
 
 
@@ -56,14 +46,36 @@ def high_groups_of(model: nn.Module) -> tuple[str, ...]:
     high = getattr(model, "high_groups", None)
     if high is None and getattr(model, "stages", None):
         high = tuple(model.stages)[-HIGH_STAGES:]
-    return tuple(high) if high is not None else default_high_groups(list(layer_groups(model)), model.new_groups)
+    return (
+        tuple(high)
+        if high is not None
+        else default_high_groups(list(layer_groups(model)), new_groups_of(model))
+    )
 
 
-def check_bn_policy(policy, where: str = "bn_policy") -> str:
-    """``policy`` if it is one of ``BN_POLICIES``, else a ``ValueError`` that lists them."""
-    if policy not in BN_POLICIES:
-        raise ValueError(f"{where} must be one of {', '.join(map(repr, BN_POLICIES))}, got {policy!r}")
-    return policy
+def expand_group(
+    name: str,
+    groups: Sequence[str],
+    new_groups: Collection[str],
+    where: str,
+    high_groups: Collection[str] | None = None,
+) -> list[str]:
+    """The groups of ``groups`` that a name in a stage means: a group itself, or an alias (``ALIASES``)."""
+    if name == "all":
+        return list(groups)
+    if name == "new":
+        return [g for g in groups if g in new_groups]
+    if name == "pretrained":
+        return [g for g in groups if g not in new_groups]
+    if name == "high":
+        high = default_high_groups(groups, new_groups) if high_groups is None else high_groups
+        return [g for g in groups if g in high]
+    if name in groups:
+        return [name]
+    raise ValueError(
+        f"{where}: unknown layer group {name!r}; this model's groups are "
+        f"{', '.join(groups)} (or the aliases {', '.join(ALIASES)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,10 @@ class Stage:
 
     def __repr__(self):  # bn only where set: a schedule prints as it did before BatchNorm policies
         bn = "" if self.bn is None else f", bn={self.bn!r}"
-        return (f"Stage(name={self.name!r}, epochs={self.epochs!r}, trainable={self.trainable!r}, "
-                f"lr={self.lr!r}{bn})")
+        return (
+            f"Stage(name={self.name!r}, epochs={self.epochs!r}, trainable={self.trainable!r}, "
+            f"lr={self.lr!r}{bn})"
+        )
 
     def __post_init__(self):
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
@@ -92,16 +106,19 @@ class Stage:
         try:  # numpy integers (papermill, np.arange) are whole numbers too
             object.__setattr__(self, "epochs", whole_number(self.epochs, "epochs"))
         except ValueError:
-            raise ValueError(f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}") from None
+            raise ValueError(
+                f"stage {self.name!r}: epochs must be a positive whole number, got {self.epochs!r}"
+            ) from None
         if self.bn is not None:
             check_bn_policy(self.bn, f"stage {self.name!r}: bn")
         if not trainable:
-            raise ValueError(f"stage {self.name!r} trains no group: name at least one in trainable "
-                             f"(a group such as 'head', or 'new' / 'pretrained' / 'all')")
+            raise ValueError(
+                f"stage {self.name!r} trains no group: name at least one in trainable "
+                f"(a group such as 'head', or 'new' / 'pretrained' / 'all')"
+            )
         lrs = self.lr.items() if isinstance(self.lr, dict) else [("lr", self.lr)]
         for key, value in lrs:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"stage {self.name!r}: learning rate {key}={value!r} must be a positive (finite) number")
+            positive_number(value, f"stage {self.name!r}: learning rate {key}")
 
 
 @dataclass(frozen=True)
@@ -150,50 +167,52 @@ class Schedule:
                 return stage
         raise ValueError(f"epoch {epoch} is outside the schedule's 1..{self.epochs}")
 
-    # -- resolution against a model's groups
-    @staticmethod
-    def _expand(name: str, groups: Sequence[str], new: Collection[str], where: str,
-                high: Collection[str] | None = None) -> list[str]:
-        if name == "all":
-            return list(groups)
-        if name == "new":
-            return [g for g in groups if g in new]
-        if name == "pretrained":
-            return [g for g in groups if g not in new]
-        if name == "high":
-            high = default_high_groups(groups, new) if high is None else high
-            return [g for g in groups if g in high]
-        if name in groups:
-            return [name]
-        raise ValueError(f"{where}: unknown layer group {name!r}; this model's groups are "
-                         f"{', '.join(groups)} (or the aliases {', '.join(ALIASES)})")
-
-    def resolve(self, stage: Stage, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
-                high_groups: Collection[str] | None = None):
+    def resolve(
+        self,
+        stage: Stage,
+        groups: Sequence[str],
+        new_groups: Collection[str] = NEW_GROUPS,
+        high_groups: Collection[str] | None = None,
+    ):
         """``(trainable groups, {group: lr})`` of one stage, for a model with ``groups``
         (``high_groups``: what ``"high"`` means; default :func:`default_high_groups`)."""
         where = f"stage {stage.name!r}"
-        trainable = [g for name in stage.trainable for g in self._expand(name, groups, new_groups, where, high_groups)]
+        trainable = [
+            g for name in stage.trainable for g in expand_group(name, groups, new_groups, where, high_groups)
+        ]
         trainable = [g for g in groups if g in trainable]
         if not trainable:
-            raise ValueError(f"{where} trains no group of this model (trainable={list(stage.trainable)}, "
-                             f"groups={list(groups)})")
+            raise ValueError(
+                f"{where} trains no group of this model (trainable={list(stage.trainable)}, "
+                f"groups={list(groups)})"
+            )
         if isinstance(stage.lr, dict):
             lr: dict[str, float] = {}
-            precedence = {"all": 0, "new": 1, "pretrained": 1, "high": 1}  # a group's own entry beats an alias
+            precedence = {
+                "all": 0,
+                "new": 1,
+                "pretrained": 1,
+                "high": 1,
+            }  # a group's own entry beats an alias
             for key, value in sorted(stage.lr.items(), key=lambda kv: precedence.get(kv[0], 2)):
-                for g in self._expand(key, groups, new_groups, f"{where} lr", high_groups):
+                for g in expand_group(key, groups, new_groups, f"{where} lr", high_groups):
                     lr[g] = float(value)
             missing = [g for g in trainable if g not in lr]
             if missing:
-                raise ValueError(f"{where}: no learning rate for {', '.join(missing)}; add them to the lr dict "
-                                 f"or give one float")
+                raise ValueError(
+                    f"{where}: no learning rate for {', '.join(missing)}; add them to the lr dict "
+                    f"or give one float"
+                )
         else:
             lr = {g: float(stage.lr) for g in trainable}
         return trainable, {g: (lr[g] if g in trainable else 0.0) for g in groups}
 
-    def plan(self, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
-             high_groups: Collection[str] | None = None) -> list[EpochPlan]:
+    def plan(
+        self,
+        groups: Sequence[str],
+        new_groups: Collection[str] = NEW_GROUPS,
+        high_groups: Collection[str] | None = None,
+    ) -> list[EpochPlan]:
         """One :class:`EpochPlan` per epoch; raises ``ValueError`` for any stage that does not fit the groups."""
         plans, epoch = [], 1
         for stage in self.stages:
@@ -204,19 +223,28 @@ class Schedule:
         return plans
 
     def plan_for(self, model: nn.Module) -> list[EpochPlan]:
-        return self.plan(list(layer_groups(model)), getattr(model, "new_groups", ("cbam", "head")), high_groups_of(model))
+        return self.plan(list(layer_groups(model)), new_groups_of(model), high_groups_of(model))
 
-    def table(self, model: nn.Module | None = None, groups=None, new_groups=("cbam", "head"), high_groups=None) -> list[dict]:
+    def table(
+        self, model: nn.Module | None = None, groups=None, new_groups=NEW_GROUPS, high_groups=None
+    ) -> list[dict]:
         """One row per stage: epochs, trainable groups and learning rates (resolved if a model is given)."""
         if model is not None:
-            groups, new_groups, high_groups = list(layer_groups(model)), model.new_groups, high_groups_of(model)
+            groups, new_groups, high_groups = (
+                list(layer_groups(model)),
+                new_groups_of(model),
+                high_groups_of(model),
+            )
         rows = []
         for stage, (_, first, last) in zip(self.stages, self.boundaries()):
             row = {"stage": stage.name, "epochs": f"{first}-{last}", **({"bn": stage.bn} if stage.bn else {})}
             if groups is None:
                 row["trainable"] = ", ".join(stage.trainable)
-                row["lr"] = (", ".join(f"{k}={v:g}" for k, v in stage.lr.items()) if isinstance(stage.lr, dict)
-                             else f"{stage.lr:g}")
+                row["lr"] = (
+                    ", ".join(f"{k}={v:g}" for k, v in stage.lr.items())
+                    if isinstance(stage.lr, dict)
+                    else f"{stage.lr:g}"
+                )
             else:
                 trainable, lr = self.resolve(stage, groups, new_groups, high_groups)
                 row["trainable"] = ", ".join(trainable)
@@ -226,11 +254,19 @@ class Schedule:
 
     def to_dict(self) -> list[dict]:
         """One dict per stage; ``bn`` only where a stage sets it (so older saved schedules stay equal)."""
-        return [{"name": s.name, "epochs": s.epochs, "trainable": list(s.trainable), "lr": s.lr,
-                 **({"bn": s.bn} if s.bn is not None else {})} for s in self.stages]
+        return [
+            {
+                "name": s.name,
+                "epochs": s.epochs,
+                "trainable": list(s.trainable),
+                "lr": s.lr,
+                **({"bn": s.bn} if s.bn is not None else {}),
+            }
+            for s in self.stages
+        ]
 
     @classmethod
-    def from_dict(cls, stages: list[dict]) -> "Schedule":
+    def from_dict(cls, stages: list[dict]) -> Schedule:
         return cls([Stage(d["name"], d["epochs"], d["trainable"], d["lr"], d.get("bn")) for d in stages])
 
     def __eq__(self, other):
@@ -240,8 +276,12 @@ class Schedule:
         return "Schedule([\n" + "".join(f"  {s!r},\n" for s in self.stages) + "])"
 
 
-def three_stage_schedule(differential: bool = False, epochs: Sequence[int] = (5, 15, 30),
-                         lrs: Sequence[float] = (1e-3, 1e-4, 1e-5), ratio: float = 10.0) -> Schedule:
+def three_stage_schedule(
+    differential: bool = False,
+    epochs: Sequence[int] = (5, 15, 30),
+    lrs: Sequence[float] = (1e-3, 1e-4, 1e-5),
+    ratio: float = 10.0,
+) -> Schedule:
     """The course's schedule: new modules (head+CBAM) → + the high stages (``"high"``: ResNet18's layer3
     and layer4, VGG16's block4 and block5) → everything.
 
@@ -250,20 +290,23 @@ def three_stage_schedule(differential: bool = False, epochs: Sequence[int] = (5,
     """
     e1, e2, e3 = stage_lengths(epochs)
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence) or len(lrs) != 3:
-        raise ValueError(f"lrs must be three learning rates, one per stage, e.g. lrs=(1e-3, 1e-4, 1e-5); got {lrs!r}")
+        raise ValueError(
+            f"lrs must be three learning rates, one per stage, e.g. lrs=(1e-3, 1e-4, 1e-5); got {lrs!r}"
+        )
     lr1, lr2, lr3 = lrs
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-        raise ValueError(f"ratio (how many times faster new modules learn) must be a positive number, got {ratio!r}")
+    positive_number(ratio, "ratio (how many times faster new modules learn)", example="10")
     if differential:
         lr_2 = {"new": lr2 * ratio, "pretrained": lr2}
         lr_3 = {"new": lr3 * ratio, "pretrained": lr3}
     else:
         lr_2, lr_3 = lr2, lr3
-    return Schedule([
-        Stage("1 head+cbam", e1, ["new"], lr1),
-        Stage("2 +high", e2, ["new", "high"], lr_2),
-        Stage("3 all", e3, "all", lr_3),
-    ])
+    return Schedule(
+        [
+            Stage("1 head+cbam", e1, ["new"], lr1),
+            Stage("2 +high", e2, ["new", "high"], lr_2),
+            Stage("3 all", e3, "all", lr_3),
+        ]
+    )
 
 
 def one_stage_schedule(epochs: int = 10, lr: float | Mapping[str, float] = 1e-4) -> Schedule:
@@ -271,13 +314,38 @@ def one_stage_schedule(epochs: int = 10, lr: float | Mapping[str, float] = 1e-4)
     return Schedule([Stage("all", whole_number(epochs, "epochs", example="10"), "all", lr)])
 
 
+def fastai_schedule(
+    epochs: Sequence[int] = (5, 15, 30), base_lr: float = 2e-3, lr_mult: float = 100.0
+) -> Schedule:
+    """fastai's ``fine_tune`` in two stages: the new modules alone at ``base_lr``, then everything with the
+    head at ``base_lr/2`` and the pretrained body ``lr_mult``× slower (fastai spreads the middle layer
+    groups between the two; the panel has one rate for all pretrained groups)."""
+    e1, *rest = epochs
+    return Schedule(
+        [
+            Stage("1 head+cbam", e1, ["new"], base_lr),
+            Stage("2 all", sum(rest), "all", {"new": base_lr / 2, "pretrained": base_lr / 2 / lr_mult}),
+        ]
+    )
+
+
+def with_bn(schedule: Schedule, policy: str) -> Schedule:
+    """``schedule`` with every stage's BatchNorm policy set to ``policy`` (one line in a strategy table)."""
+    check_bn_policy(policy)
+    return Schedule([Stage(s.name, s.epochs, s.trainable, s.lr, policy) for s in schedule.stages])
+
+
 # ------------------------------------------------------------------------------- optimizer
 def no_weight_decay(module: nn.Module, param_name: str) -> bool:
     """Biases and normalisation weights get no weight decay."""
-    return param_name.endswith("bias") or isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+    return param_name.endswith("bias") or isinstance(
+        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    )
 
 
-def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str = "adamw") -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, weight_decay: float = 1e-2, optimizer: str = "adamw"
+) -> torch.optim.Optimizer:
     """Every parameter from the start, one param group per (layer group, decay or not).
 
     Each param group carries ``group`` (the layer-group name) and ``decay`` keys; learning rates are
@@ -291,7 +359,9 @@ def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str 
         plain = [p for p in params if no_weight_decay(*owner[id(p)])]
         for ps, wd in ((decay, weight_decay), (plain, 0.0)):
             if ps:
-                param_groups.append({"params": ps, "lr": 0.0, "weight_decay": wd, "group": group, "decay": wd > 0})
+                param_groups.append(
+                    {"params": ps, "lr": 0.0, "weight_decay": wd, "group": group, "decay": wd > 0}
+                )
     if optimizer == "adamw":
         # fused: one kernel for the whole update instead of a dozen per parameter group; measured faster
         # on the CPU and on CUDA. Frozen parameters have no grad and are skipped, as by the plain AdamW.
@@ -303,7 +373,9 @@ def make_optimizer(model: nn.Module, weight_decay: float = 1e-2, optimizer: str 
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
 
 
-def apply_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan: EpochPlan, bn_policy: str = "train") -> None:
+def apply_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, plan: EpochPlan, bn_policy: str = "train"
+) -> None:
     """Set this epoch's learning rates and freeze the rest: no grad, lr 0, BatchNorm in eval mode.
 
     Call after ``model.train()``: frozen groups' BatchNorm layers are switched back to eval so their
@@ -311,7 +383,7 @@ def apply_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan: EpochP
     else ``bn_policy``) the pretrained groups' BatchNorm stays in eval mode even when the group trains.
     """
     policy = check_bn_policy(plan.bn or bn_policy)
-    new_groups = getattr(model, "new_groups", ("cbam", "head"))
+    new_groups = new_groups_of(model)
     for param_group in optimizer.param_groups:
         param_group["lr"] = plan.lr[param_group["group"]]
     for group, params in layer_groups(model).items():
@@ -321,161 +393,3 @@ def apply_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, plan: EpochP
         if group not in plan.trainable or (policy == "frozen" and group not in new_groups):
             for bn in bns:
                 bn.eval()
-
-
-# ------------------------------------------------------------------------------- BatchNorm recalibration
-def recalibration_groups(model: nn.Module, plans: Sequence[EpochPlan], epoch: int, bn_policy: str = "train") -> list[str]:
-    """The groups whose BatchNorm statistics are re-estimated before epoch ``epoch`` (counted from 1).
-
-    Only at the first epoch of a stage whose policy (``plan.bn``, else ``bn_policy``) is ``"recalibrate"``:
-    before the first stage every pretrained group, before a later one the groups it unfreezes (trained
-    now, frozen in the stage before). Only groups that have BatchNorm layers; ``[]`` when there is nothing to do.
-    """
-    plan = plans[epoch - 1]
-    if check_bn_policy(plan.bn or bn_policy) != "recalibrate" or (epoch > 1 and plans[epoch - 2].stage == plan.stage):
-        return []
-    new_groups = getattr(model, "new_groups", ("cbam", "head"))
-    if epoch == 1:
-        chosen = [g for g in group_names(model) if g not in new_groups]
-    else:
-        chosen = [g for g in group_names(model) if g in plan.trainable and g not in plans[epoch - 2].trainable]
-    with_bn = {g for g, bns in group_modules(model).items() if bns}
-    return [g for g in chosen if g in with_bn]
-
-
-def recalibration_batches(loader, num_batches: int, epoch: int | None = None):
-    """The first ``num_batches`` batches the loader gives for ``epoch``, leaving the loader and RNGs as they were.
-
-    With ``set_epoch`` (the course's loaders, a ``DistributedSampler``…) the batches are epoch ``epoch``'s
-    own (so they are fixed by the loader's seed and the epoch, and resume gives the same ones); the
-    loader's ``epoch`` attribute is put back afterwards. The global torch and Python RNGs are forked, so a
-    shuffling ``DataLoader`` or a random transform draws nothing from them: training sees the same order.
-    """
-    import random
-
-    saved_epoch = getattr(loader, "epoch", None)
-    python_state = random.getstate()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0 if epoch is None else epoch)
-            random.seed(0 if epoch is None else epoch)
-            if epoch is not None and hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            batches = []
-            for batch in loader:
-                batches.append(batch)
-                if len(batches) == num_batches:
-                    break
-            return batches
-    finally:
-        random.setstate(python_state)
-        if saved_epoch is not None:
-            loader.epoch = saved_epoch
-
-
-def recalibrate_bn(model: nn.Module, groups: Collection[str], loader, num_batches: int = 16, *, epoch: int | None = None,
-                   device=None, channels_last: bool = False) -> dict:
-    """Re-estimate the running statistics of the BatchNorm layers of ``groups`` on ``num_batches`` training batches.
-
-    Forward passes only (``torch.no_grad``), the ``groups``' BatchNorm layers in train mode and everything
-    else in eval mode (no dropout, other BatchNorms on their stored statistics): no parameter changes and
-    no other buffer. The statistics are reset and averaged over the batches with ``momentum=None``
-    (a cumulative average: every batch counts the same, the estimate does not depend on the order), then
-    each layer's momentum is put back. The batches come from :func:`recalibration_batches` (the loader's
-    epoch ``epoch``; no RNG or loader state is consumed). Leaves the model in eval mode.
-
-    Returns ``{"groups", "layers", "batches", "images", "seconds"}``.
-    """
-    import time
-
-    start = time.perf_counter()
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0:
-        raise ValueError(f"num_batches must be a positive whole number, got {num_batches!r}")
-    known = group_modules(model)
-    unknown = [g for g in groups if g not in known]
-    if unknown:
-        raise ValueError(f"unknown layer group(s) {', '.join(unknown)}; this model's groups are {', '.join(known)}")
-    layers = [bn for g in groups for bn in known[g]]
-    device = torch.device(device) if device else next(model.parameters()).device
-    batches = recalibration_batches(loader, num_batches, epoch)
-    if not batches:
-        raise ValueError("the loader gave no batches to recalibrate BatchNorm on")
-    momenta = [bn.momentum for bn in layers]
-    model.eval()
-    images_seen = 0
-    try:
-        for bn in layers:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for images, _ in batches:
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                model(images)
-                images_seen += len(images)
-    finally:
-        for bn, momentum in zip(layers, momenta):
-            bn.momentum = momentum
-        model.eval()
-    return {"groups": list(groups), "layers": len(layers), "batches": len(batches), "images": images_seen,
-            "seconds": time.perf_counter() - start}
-
-
-def with_bn(schedule: Schedule, policy: str) -> Schedule:
-    """``schedule`` with every stage's BatchNorm policy set to ``policy`` (one line in a strategy table)."""
-    check_bn_policy(policy)
-    return Schedule([Stage(s.name, s.epochs, s.trainable, s.lr, policy) for s in schedule.stages])
-
-
-def bn_statistics(model: nn.Module, images: torch.Tensor, groups: Collection[str] | None = None) -> list[dict]:
-    """Per BatchNorm layer (of ``groups``, default all): its stored statistics against those of ``images``.
-
-    One forward pass in eval mode under ``torch.no_grad`` (nothing changes); each row has the layer, its
-    group, the channel averages of the stored ``running_mean`` / ``running_var`` and of the batch's mean /
-    variance of the layer's input, and ``var ratio`` = batch / stored variance (1 = the stored statistics
-    fit these images; ≪ 1: eval mode divides by too large a variance and shrinks the features).
-    """
-    was_training = model.training
-    model.eval()
-    found = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (groups is None or group_of(model, name) in groups)}
-    batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [m.register_forward_pre_hook(
-        lambda m, args, name=name: batch.__setitem__(name, (args[0].float().mean(dim=(0, 2, 3)),
-                                                            args[0].float().var(dim=(0, 2, 3)))))
-        for name, m in found.items()]
-    try:
-        with torch.no_grad():
-            model(images.to(next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    rows = []
-    for name, m in found.items():
-        mean, var = batch[name]
-        rows.append({"layer": name, "group": group_of(model, name),
-                     "stored mean": m.running_mean.float().mean().item(), "batch mean": mean.mean().item(),
-                     "stored var": m.running_var.float().mean().item(), "batch var": var.mean().item(),
-                     "var ratio": (var / m.running_var.float()).mean().item()})
-    return rows
-
-
-def bn_switch_effect(model: nn.Module, images: torch.Tensor, groups: Collection[str] | None = None) -> float:
-    """How much the logits change (relative L2, ‖train − eval‖ / ‖eval‖) when the BatchNorm layers of
-    ``groups`` (default all) use the batch's statistics instead of the stored ones — what unfreezing them
-    does at a stage boundary. Works on a copy: the model and its statistics are left as they are."""
-    import copy
-
-    probe = copy.deepcopy(model).eval()
-    images = images.to(next(probe.parameters()).device)
-    with torch.no_grad():
-        eval_logits = probe(images).float()
-        for name, m in probe.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (groups is None or group_of(probe, name) in groups):
-                m.train()
-        batch_logits = probe(images).float()
-    return ((batch_logits - eval_logits).norm() / eval_logits.norm()).item()

@@ -13,20 +13,20 @@ Afterwards the model is exactly as it was (bit for bit): parameters, buffers, gr
 state, the loader's epoch counter and the global RNGs (``random``, torch CPU, CUDA, MPS). Running the finder
 before ``fit`` does not change what ``fit`` then does. The same seed gives the same curve.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import devices, precision
 from .finetune import EpochPlan, Schedule, Stage, make_optimizer
+from .machinery import devices, precision
 from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
 
 SKIP_START = 0.1  # the first 10 % of the steps (the loss still settles at tiny rates) are not considered
@@ -95,8 +95,10 @@ class LRFinderResult:
         if stop - first < 5:  # a very short curve: use all of its finite part
             first, stop = 0, last
         if stop - first < 3:
-            raise ValueError(f"the sweep has only {last} usable steps: too few for a suggestion. Lower start_lr "
-                             f"or raise num_steps / diverge.")
+            raise ValueError(
+                f"the sweep has only {last} usable steps: too few for a suggestion. Lower start_lr "
+                f"or raise num_steps / diverge."
+            )
         return m[first:stop], s[first:stop], first
 
     def suggestion(self, rule: str = "valley") -> float:
@@ -196,8 +198,10 @@ def _select_stage(stage, which, model: nn.Module) -> tuple[Stage, EpochPlan]:
         elif isinstance(which, int) and not isinstance(which, bool) and 1 <= which <= len(names):
             index = which - 1
         else:
-            raise ValueError(f"which must be a stage number 1..{len(names)} (stage 1 is the first) or one of "
-                             f"{names}, got {which!r}")
+            raise ValueError(
+                f"which must be a stage number 1..{len(names)} (stage 1 is the first) or one of "
+                f"{names}, got {which!r}"
+            )
         first_epoch = stage.boundaries()[index][1]
         stage = stage.stages[index]
     elif isinstance(stage, Stage):
@@ -205,7 +209,9 @@ def _select_stage(stage, which, model: nn.Module) -> tuple[Stage, EpochPlan]:
             raise ValueError("which= selects a stage of a Schedule; with a single Stage leave it out")
         first_epoch = 1
     else:
-        raise ValueError(f"stage must be a Stage, or a Schedule with which=<stage>, got {type(stage).__name__}")
+        raise ValueError(
+            f"stage must be a Stage, or a Schedule with which=<stage>, got {type(stage).__name__}"
+        )
     plan = Schedule([stage]).plan_for(model)[0]  # raises if the stage trains nothing of this model
     return stage, replace(plan, epoch=first_epoch)
 
@@ -224,8 +230,10 @@ def _batches(loader, first_epoch: int, num_steps: int, notes: list[str]):
             raise ValueError("train_loader gave no batches: is the training set smaller than one batch?")
         passes += 1
         if passes == 1:
-            notes.append(f"the loader has {got} batches, fewer than num_steps={num_steps}: it was cycled "
-                         f"(each pass a new epoch); the curve then sees some images twice")
+            notes.append(
+                f"the loader has {got} batches, fewer than num_steps={num_steps}: it was cycled "
+                f"(each pass a new epoch); the curve then sees some images twice"
+            )
 
 
 class _Snapshot:
@@ -234,7 +242,9 @@ class _Snapshot:
     def __init__(self, model: nn.Module, optimizer, loader):
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.tensors = {id(t): (t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]}
-        self.grads = {id(p): (p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+        self.grads = {
+            id(p): (p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
+        }
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.modes = [(m, m.training) for m in model.modules()]
         self.optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
@@ -266,12 +276,26 @@ class _Snapshot:
             torch.mps.set_rng_state(self.mps_rng)
 
 
-def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: int | str | None = None,
-            start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, smooth: float = 0.98,
-            diverge: float = 4.0, seed: int = 0, device=None, progress: bool = True,
-            optimizer: str | torch.optim.Optimizer = "adamw", weight_decay: float = 1e-2,
-            label_smoothing: float = 0.0, amp: bool | None = None,
-            channels_last: bool | None = None) -> LRFinderResult:
+def lr_find(
+    model: nn.Module,
+    stage: Stage | Schedule,
+    train_loader,
+    *,
+    which: int | str | None = None,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_steps: int = 100,
+    smooth: float = 0.98,
+    diverge: float = 4.0,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    optimizer: str | torch.optim.Optimizer = "adamw",
+    weight_decay: float = 1e-2,
+    label_smoothing: float = 0.0,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+) -> LRFinderResult:
     """Sweep the learning rate of one stage; returns an :class:`LRFinderResult` (``.suggestion()``,
     ``.suggested_stage()``, ``.plot()``). The model is left exactly as it was.
 
@@ -305,14 +329,18 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
     shares = {g: plan.lr[g] / top for g in trainable}
     if isinstance(optimizer, str):
         if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw', 'sgd' or an optimizer from make_optimizer, got {optimizer!r}")
+            raise ValueError(
+                f"optimizer must be 'adamw', 'sgd' or an optimizer from make_optimizer, got {optimizer!r}"
+            )
         passed = None
     else:
         missing = [i for i, g in enumerate(optimizer.param_groups) if "group" not in g]
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if missing or any(id(p) not in owned for p in model.parameters()):
-            raise ValueError("the optimizer must be made by course_utils.finetune.make_optimizer(model) for this "
-                             "model (its param groups carry the layer-group names the stage refers to)")
+            raise ValueError(
+                "the optimizer must be made by course_utils.finetune.make_optimizer(model) for this "
+                "model (its param groups carry the layer-group names the stage refers to)"
+            )
         passed = optimizer
     device = torch.device(device) if device else default_device()
 
@@ -321,16 +349,27 @@ def lr_find(model: nn.Module, stage: Stage | Schedule, train_loader, *, which: i
     try:
         torch.manual_seed(seed)
         random.seed(seed)
-        channels_last = prepare_model(model, device, channels_last, precision.loader_image_size(train_loader),
-                                      getattr(train_loader, "batch_size", None))
-        opt = passed if passed is not None else make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
+        channels_last = prepare_model(
+            model,
+            device,
+            channels_last,
+            precision.loader_image_size(train_loader),
+            getattr(train_loader, "batch_size", None),
+        )
+        opt = (
+            passed
+            if passed is not None
+            else make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
+        )
         start_epoch(model, opt, plan)
         ratio = (end_lr / start_lr) ** (1 / (num_steps - 1))
         average, best = 0.0, math.inf
         bar = tqdm(total=num_steps, desc=f"lr_find [{stage.name}]", leave=False, disable=not progress)
         try:
-            for step, (images, labels) in enumerate(_batches(train_loader, plan.epoch, num_steps, result.notes)):
-                multiplier = start_lr * ratio ** step
+            for step, (images, labels) in enumerate(
+                _batches(train_loader, plan.epoch, num_steps, result.notes)
+            ):
+                multiplier = start_lr * ratio**step
                 for param_group in opt.param_groups:
                     param_group["lr"] = multiplier * shares.get(param_group["group"], 0.0)
                 images, labels = batch_to_device(images, labels, device, channels_last)

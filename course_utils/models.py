@@ -8,6 +8,7 @@ torchvision's own API) and expose the same things to the rest of the course:
   (the new head and CBAM always; the stem too with ``stem="cifar"``): the schedule's ``"new"``;
 * ``model.stages`` — the stage names in forward order, and ``model.features(x)`` — each stage's output.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,11 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models.resnet import BasicBlock
 
 from .cbam import CBAM
-from .checks import whole_number
-from .downloads import DownloadError, fetch, file_digest, mirror_url, sha256_prefix_in_name
+from .machinery.checks import whole_number
+from .machinery.downloads import DownloadError, fetch, file_digest, mirror_url, sha256_prefix_in_name
 
 PLACEMENTS = ("stage", "block", "high", None)
+NEW_GROUPS = ("cbam", "head")  # the groups that start random, for a model without its own ``new_groups``
 WEIGHTS_ENUMS = {"resnet18": tvm.ResNet18_Weights, "vgg16": tvm.VGG16_Weights}
 WEIGHTS_MIRROR_ENV = "COURSE_WEIGHTS_MIRROR"  # a base URL or a folder holding e.g. resnet18-f37072fd.pth
 
@@ -67,9 +69,11 @@ def verify_weights_file(path: str | os.PathLike, fix: str = "Delete it and downl
         return
     digest = file_digest(path)
     if not digest.startswith(prefix):
-        raise WeightsError(f"weights file {path} is incomplete or damaged ({stat.st_size:,} bytes; its sha256 starts "
-                           f"with {digest[:len(prefix)]}, its name says {prefix}) — an interrupted download? It is not "
-                           f"loaded. {fix}. （提示：权重文件不完整，请删除后重新下载）")
+        raise WeightsError(
+            f"weights file {path} is incomplete or damaged ({stat.st_size:,} bytes; its sha256 starts "
+            f"with {digest[: len(prefix)]}, its name says {prefix}) — an interrupted download? It is not "
+            f"loaded. {fix}. （提示：权重文件不完整，请删除后重新下载）"
+        )
     _VERIFIED.add(key)
 
 
@@ -86,11 +90,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             why = "it contains Python objects that would run code when loaded, so it is refused"
         else:
             why = f"it is truncated or corrupted ({text})"
-        raise WeightsError(f"cannot load weights file {path}: {why}. Delete it and download it again.") from err
+        raise WeightsError(
+            f"cannot load weights file {path}: {why}. Delete it and download it again."
+        ) from err
     if isinstance(state, dict) and "model" in state and "optimizer" in state:
-        raise WeightsError(f"{path} is a training checkpoint written by fit, not backbone weights: continue it with "
-                           f"fit(..., checkpoint='{path}', resume=True), or load its 'model' entry into a model of "
-                           f"the same kind with model.load_state_dict(torch.load(path, weights_only=True)['model'])")
+        raise WeightsError(
+            f"{path} is a training checkpoint written by fit, not backbone weights: continue it with "
+            f"fit(..., checkpoint='{path}', resume=True), or load its 'model' entry into a model of "
+            f"the same kind with model.load_state_dict(torch.load(path, weights_only=True)['model'])"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
     return state
@@ -98,8 +106,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _accepted(arch: str) -> str:
     enum = WEIGHTS_ENUMS[arch]
-    return (f"None (random), 'imagenet', 'DEFAULT', a {enum.__name__} name ({', '.join(enum.__members__)}) or "
-            f"enum (e.g. torchvision.models.{enum.__name__}.DEFAULT), or a path to a state_dict file")
+    return (
+        f"None (random), 'imagenet', 'DEFAULT', a {enum.__name__} name ({', '.join(enum.__members__)}) or "
+        f"enum (e.g. torchvision.models.{enum.__name__}.DEFAULT), or a path to a state_dict file"
+    )
 
 
 def _weights_enum(arch: str, weights) -> WeightsEnum | None:
@@ -107,8 +117,10 @@ def _weights_enum(arch: str, weights) -> WeightsEnum | None:
     enum = WEIGHTS_ENUMS[arch]
     if isinstance(weights, WeightsEnum):
         if not isinstance(weights, enum):
-            raise ValueError(f"weights={weights} are {type(weights).__name__.split('_')[0]}'s weights, not {arch}'s: "
-                             f"pass {enum.__name__} (e.g. {enum.__name__}.DEFAULT), or one of {_accepted(arch)}")
+            raise ValueError(
+                f"weights={weights} are {type(weights).__name__.split('_')[0]}'s weights, not {arch}'s: "
+                f"pass {enum.__name__} (e.g. {enum.__name__}.DEFAULT), or one of {_accepted(arch)}"
+            )
         return weights
     if not isinstance(weights, str):
         return None
@@ -116,11 +128,14 @@ def _weights_enum(arch: str, weights) -> WeightsEnum | None:
     if name.lower() == "imagenet":
         return enum.IMAGENET1K_V1
     owner, _, member = name.rpartition(".")
-    if owner and owner in {e.__name__ for e in WEIGHTS_ENUMS.values()} | {f"torchvision.models.{e.__name__}"
-                                                                          for e in WEIGHTS_ENUMS.values()}:
+    if owner and owner in {e.__name__ for e in WEIGHTS_ENUMS.values()} | {
+        f"torchvision.models.{e.__name__}" for e in WEIGHTS_ENUMS.values()
+    }:
         if owner.rsplit(".", 1)[-1] != enum.__name__:
-            raise ValueError(f"weights={weights!r} are {owner.rsplit('.', 1)[-1].split('_')[0]}'s weights, not "
-                             f"{arch}'s: pass one of {_accepted(arch)}")
+            raise ValueError(
+                f"weights={weights!r} are {owner.rsplit('.', 1)[-1].split('_')[0]}'s weights, not "
+                f"{arch}'s: pass one of {_accepted(arch)}"
+            )
         name = member
     if name.upper() == "DEFAULT":
         return enum.DEFAULT
@@ -148,8 +163,10 @@ def _pretrained_state(arch: str, weights) -> dict[str, torch.Tensor] | None:
     cached = _torch_hub_file(enum)
     if cached.is_file():
         print(f"ImageNet weights for {arch}: {cached} (torchvision cache)")
-        verify_weights_file(cached, fix="Delete it (it is downloaded again on the next run) or copy a complete "
-                                        f"{cached.name} there")
+        verify_weights_file(
+            cached,
+            fix=f"Delete it (it is downloaded again on the next run) or copy a complete {cached.name} there",
+        )
         return _read_state_dict(cached)
     mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
     url = mirror_url(mirror, cached.name) if mirror else enum.url
@@ -182,8 +199,10 @@ def _load_backbone(backbone: nn.Module, state: dict[str, torch.Tensor] | None, a
             details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if wrong_shape:
             k = wrong_shape[0]
-            details.append(f"{len(wrong_shape)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} "
-                           f"instead of {tuple(expected[k].shape)})")
+            details.append(
+                f"{len(wrong_shape)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} "
+                f"instead of {tuple(expected[k].shape)})"
+            )
         raise WeightsError(f"these weights are not a torchvision {arch} state_dict: " + ", ".join(details))
     backbone.load_state_dict(state, strict=False)
 
@@ -227,15 +246,19 @@ class ResNetCBAM(nn.Module):
         for i, width in enumerate(widths, start=1):
             layer = getattr(backbone, f"layer{i}")
             if placement == "block":
-                layer = nn.Sequential(*[BasicBlockCBAM(blk, CBAM(width, identity_init=identity_init)) for blk in layer])
+                layer = nn.Sequential(
+                    *[BasicBlockCBAM(blk, CBAM(width, identity_init=identity_init)) for blk in layer]
+                )
             setattr(self, f"layer{i}", layer)
-        self.cbam = nn.ModuleDict({f"layer{i}": CBAM(widths[i - 1], identity_init=identity_init) for i in cbam_at})
+        self.cbam = nn.ModuleDict(
+            {f"layer{i}": CBAM(widths[i - 1], identity_init=identity_init) for i in cbam_at}
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = fc
         self.placement, self.stem_kind = placement, stem
         self.new_groups = ("stem",) * (stem == "cifar") + ("cbam",) * (placement is not None) + ("head",)
 
-    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Each stage's output (after its CBAM, if any), in forward order."""
         out = OrderedDict()
         x = out["stem"] = self.stem(x)
@@ -259,8 +282,13 @@ def _check_num_classes(num_classes) -> int:
     return whole_number(num_classes, "num_classes", minimum=2, example="10 (CIFAR-10)")
 
 
-def resnet18_cbam(num_classes: int = 10, weights=None, placement="stage", stem: str = "imagenet",
-                  identity_init: bool = False) -> ResNetCBAM:
+def resnet18_cbam(
+    num_classes: int = 10,
+    weights=None,
+    placement="stage",
+    stem: str = "imagenet",
+    identity_init: bool = False,
+) -> ResNetCBAM:
     """ResNet18 (optionally ImageNet-pretrained) with CBAM and a new ``num_classes`` head.
 
     placement: ``"stage"`` one CBAM after each of layer1..layer4 (the course's), ``"block"`` inside every
@@ -292,15 +320,16 @@ class VGGCBAM(nn.Module):
             setattr(self, f"block{i}", nn.Sequential(*backbone.features[start:stop]))
         head = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, num_classes))  # before the CBAMs: see ResNetCBAM
         cbam_at = {"stage": (1, 2, 3, 4, 5), "high": (4, 5), None: ()}[placement]
-        self.cbam = nn.ModuleDict({f"block{i}": CBAM(VGG16_WIDTHS[i - 1], identity_init=identity_init)
-                                   for i in cbam_at})
+        self.cbam = nn.ModuleDict(
+            {f"block{i}": CBAM(VGG16_WIDTHS[i - 1], identity_init=identity_init) for i in cbam_at}
+        )
         self.maxpool = nn.MaxPool2d(2, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = head
         self.placement = placement
         self.new_groups = ("cbam",) * (placement is not None) + ("head",)
 
-    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Each block's output after its CBAM and max-pool, in forward order."""
         out = OrderedDict()
         for name in self.stages:
@@ -315,7 +344,9 @@ class VGGCBAM(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1))
 
 
-def vgg16_cbam(num_classes: int = 10, weights=None, placement="stage", identity_init: bool = False) -> VGGCBAM:
+def vgg16_cbam(
+    num_classes: int = 10, weights=None, placement="stage", identity_init: bool = False
+) -> VGGCBAM:
     """VGG16 (optionally ImageNet-pretrained) with a CBAM after each conv block (before its max-pool)."""
     if placement not in ("stage", "high", None):
         raise ValueError(f"placement for VGG16 must be 'stage', 'high' or None, got {placement!r}")
@@ -326,6 +357,11 @@ def vgg16_cbam(num_classes: int = 10, weights=None, placement="stage", identity_
 
 
 # ---------------------------------------------------------------------------- groups
+def new_groups_of(model: nn.Module) -> tuple[str, ...]:
+    """The groups of ``model`` that start from random weights (``model.new_groups``, else ``NEW_GROUPS``)."""
+    return tuple(getattr(model, "new_groups", NEW_GROUPS))
+
+
 def group_of(model: nn.Module, name: str) -> str:
     """The layer group a parameter or module name belongs to."""
     parts = name.split(".")
@@ -351,7 +387,9 @@ def layer_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return {name: params for name, params in groups.items() if params}
 
 
-def group_modules(model: nn.Module, kind: type = nn.modules.batchnorm._BatchNorm) -> dict[str, list[nn.Module]]:
+def group_modules(
+    model: nn.Module, kind: type = nn.modules.batchnorm._BatchNorm
+) -> dict[str, list[nn.Module]]:
     """The modules of one kind (BatchNorm by default) in each layer group."""
     found: dict[str, list[nn.Module]] = {name: [] for name in group_names(model)}
     for name, module in model.named_modules():
@@ -377,7 +415,10 @@ def stage_table(model: nn.Module, image_size: int = 32) -> list[dict]:
     with torch.no_grad():
         feats = model.features(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)
-    return [{"stage": name, "shape": tuple(f.shape[1:]), "params": params.get(name, 0)} for name, f in feats.items()]
+    return [
+        {"stage": name, "shape": tuple(f.shape[1:]), "params": params.get(name, 0)}
+        for name, f in feats.items()
+    ]
 
 
 def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
@@ -388,7 +429,7 @@ def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
     try:
         return build(weights="imagenet", **kwargs), True
     except WeightsError as err:
-        from .presets import banner
+        from .machinery.presets import banner
 
         banner("没有 ImageNet 预训练权重 (no ImageNet weights) — using RANDOM weights", str(err))
         return build(weights=None, **kwargs), False
@@ -401,12 +442,16 @@ def transplant(src: nn.Module, dst: nn.Module) -> list[str]:
     (``placement=None``) moves into any CBAM placement. Returns the ``dst`` state_dict keys left as they
     were (the new modules: CBAM, or a head or stem of another shape) — check it holds only what you expect.
     """
+
     def plain(key: str) -> str:
         return key.replace(".block.", ".")
 
     source = {plain(k): v for k, v in src.state_dict().items()}
     target = dst.state_dict()
-    copied = {k: source[plain(k)] for k, v in target.items()
-              if plain(k) in source and source[plain(k)].shape == v.shape}
+    copied = {
+        k: source[plain(k)]
+        for k, v in target.items()
+        if plain(k) in source and source[plain(k)].shape == v.shape
+    }
     dst.load_state_dict(copied, strict=False)
     return [k for k in target if k not in copied]

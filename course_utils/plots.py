@@ -4,6 +4,7 @@ attention maps, feature maps, confusion matrices and strategy comparisons.
 Every function returns a closed matplotlib ``Figure`` (shown once when it is a cell's last value,
 or with ``display(fig)``), so nothing is drawn twice and no figures pile up in widget outputs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -18,8 +19,19 @@ from .models import layer_groups
 
 STAGE_COLORS = ("#e8f0fe", "#fef3e0", "#e6f4ea", "#fce8e6", "#f3e8fd")
 # Fonts that draw Chinese, by platform: Debian's fonts-noto-cjk, macOS, Windows, others.
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-             "PingFang SC", "Heiti SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Arial Unicode MS")
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "PingFang SC",
+    "Heiti SC",
+    "Hiragino Sans GB",
+    "Microsoft YaHei",
+    "SimHei",
+    "Arial Unicode MS",
+)
 
 
 def cjk_font() -> str | None:
@@ -35,8 +47,11 @@ def use_cjk_fallback() -> str | None:
     font (Latin text looks as before; matplotlib 3.6+ falls back per glyph). Returns the family or ``None``."""
     family = cjk_font()
     if family and family not in plt.rcParams["font.sans-serif"]:
-        plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"][:1], family,
-                                           *plt.rcParams["font.sans-serif"][1:]]
+        plt.rcParams["font.sans-serif"] = [
+            *plt.rcParams["font.sans-serif"][:1],
+            family,
+            *plt.rcParams["font.sans-serif"][1:],
+        ]
     return family
 
 
@@ -69,15 +84,28 @@ def shade_stages(ax, source, label: bool = True) -> None:
     for i, (name, first, last) in enumerate(stage_spans(source)):
         ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS[i % len(STAGE_COLORS)], zorder=0)
         if label:
-            ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=8)
+            ax.text(
+                (first + last) / 2,
+                1.0,
+                name,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
 
 
 def mark_recalibrations(ax, history, label: bool = True) -> None:
     """A dashed vertical line where ``fit`` re-estimated BatchNorm statistics (before that epoch's first step)."""
     for i, rec in enumerate(getattr(history, "meta", {}).get("bn_recalibrations", [])):
-        ax.axvline(rec["epoch"] - 0.5, color="0.35", ls="--", lw=1, zorder=1,
-                   label="BN recalibrated" if label and i == 0 else None)
+        ax.axvline(
+            rec["epoch"] - 0.5,
+            color="0.35",
+            ls="--",
+            lw=1,
+            zorder=1,
+            label="BN recalibrated" if label and i == 0 else None,
+        )
 
 
 def plot_history(history, title: str | None = None):
@@ -146,7 +174,9 @@ def weight_drift(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[st
     return drift
 
 
-def plot_weight_drift(drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"):
+def plot_weight_drift(
+    drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"
+):
     """Bars of :func:`weight_drift` per group; pass ``{run_name: drift}`` to compare runs side by side."""
     if drifts and not isinstance(next(iter(drifts.values())), Mapping):
         drifts = {"": drifts}
@@ -176,12 +206,21 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     model.eval()
     with torch.no_grad():
         model(images.to(next(model.parameters()).device))
-    return {name.replace(".cbam", "").replace("cbam.", ""): m.last_attention.cpu()
-            for name, m in model.named_modules() if hasattr(m, "last_attention") and m.last_attention is not None}
+    return {
+        name.replace(".cbam", "").replace("cbam.", ""): m.last_attention.cpu()
+        for name, m in model.named_modules()
+        if hasattr(m, "last_attention") and m.last_attention is not None
+    }
 
 
-def plot_attention(model: nn.Module, images_u8: torch.Tensor, images: torch.Tensor, classes: Sequence[str] = (),
-                   labels: torch.Tensor | None = None, max_maps: int = 4):
+def plot_attention(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    images: torch.Tensor,
+    classes: Sequence[str] = (),
+    labels: torch.Tensor | None = None,
+    max_maps: int = 4,
+):
     """Each image (row) with the spatial attention of up to ``max_maps`` CBAMs laid over it (columns)."""
     maps = attention_maps(model, images)
     names = list(maps)[-max_maps:]
@@ -194,11 +233,13 @@ def plot_attention(model: nn.Module, images_u8: torch.Tensor, images: torch.Tens
         if labels is not None and classes:
             axes[r, 0].set_ylabel(classes[int(labels[r])], fontsize=8)
         for c, name in enumerate(names, start=1):
-            attn = maps[name][r:r + 1]
+            attn = maps[name][r : r + 1]
             low, high = float(attn.min()), float(attn.max())
             attn = torch.nn.functional.interpolate(attn, size=(size, size), mode="nearest")[0, 0]
             _show_image(axes[r, c], images_u8[r])
-            axes[r, c].imshow(((attn - low) / max(high - low, 1e-6)).numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[r, c].imshow(
+                ((attn - low) / max(high - low, 1e-6)).numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1
+            )
             axes[r, c].set_xlabel(f"{low:.2f}–{high:.2f}", fontsize=7)
             if r == 0:
                 axes[r, c].set_title(f"{name} ({maps[name].shape[-2]}×{maps[name].shape[-1]})", fontsize=8)
@@ -207,7 +248,9 @@ def plot_attention(model: nn.Module, images_u8: torch.Tensor, images: torch.Tens
     return fig
 
 
-def plot_feature_maps(features: Mapping[str, torch.Tensor], image_u8: torch.Tensor | None = None, channels: int = 6):
+def plot_feature_maps(
+    features: Mapping[str, torch.Tensor], image_u8: torch.Tensor | None = None, channels: int = 6
+):
     """For one image: the first ``channels`` channels of each stage's output (rows), with its size."""
     names = list(features)
     fig, axes = _figure(channels + 1, len(names), size=(1.4, 1.5))
@@ -229,8 +272,9 @@ def plot_feature_maps(features: Mapping[str, torch.Tensor], image_u8: torch.Tens
 
 def confusion_matrix(predicted: torch.Tensor, true: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
     """``cm[t, p]`` = how many images of class t were predicted as p."""
-    return torch.bincount(true.long() * num_classes + predicted.long(), minlength=num_classes ** 2).view(num_classes,
-                                                                                                         num_classes)
+    return torch.bincount(true.long() * num_classes + predicted.long(), minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
 
 
 def plot_confusion(predicted: torch.Tensor, true: torch.Tensor, classes: Sequence[str]):
@@ -246,8 +290,15 @@ def plot_confusion(predicted: torch.Tensor, true: torch.Tensor, classes: Sequenc
     for t in range(len(classes)):
         for p in range(len(classes)):
             if cm[t, p] > 0:
-                ax.text(p, t, int(cm[t, p]), ha="center", va="center", fontsize=6,
-                        color="white" if rates[t, p] > 0.5 else "black")
+                ax.text(
+                    p,
+                    t,
+                    int(cm[t, p]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if rates[t, p] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     return fig
@@ -274,8 +325,11 @@ def plot_comparison(histories: Mapping[str, object], metric: str = "val_acc", ti
     return fig
 
 
-def plot_runs(histories: Mapping[str, object], metrics: Sequence[str] = ("train_loss", "val_acc"),
-              title: str | None = None):
+def plot_runs(
+    histories: Mapping[str, object],
+    metrics: Sequence[str] = ("train_loss", "val_acc"),
+    title: str | None = None,
+):
     """Runs of the same schedule side by side: one panel per metric, one line per run, the stages shaded
     (from the first run) and each run's BatchNorm recalibrations dashed in its colour."""
     fig, axes = _figure(len(metrics))

@@ -14,6 +14,7 @@ that stage on a fresh copy of the model, its curve shown in the panel and the st
 suggestion. Stable CSS classes (``schedule-end1``, ``schedule-preview-table``, ``schedule-error``,
 ``schedule-find-lr-1``, ``schedule-lr-curve``, …) let a browser test find the parts.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,15 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import ipywidgets as W
 from torch import nn
 
-from .finetune import (BN_POLICIES, Schedule, Stage, check_bn_policy, default_high_groups, high_groups_of,
-                       one_stage_schedule, three_stage_schedule)
+from .batchnorm import BN_POLICIES, check_bn_policy
+from .finetune import (
+    Schedule,
+    Stage,
+    default_high_groups,
+    high_groups_of,
+    one_stage_schedule,
+    three_stage_schedule,
+)
 from .models import layer_groups
 
 MAX_STAGES = 3
@@ -38,14 +46,21 @@ RATIO = 10.0  # new modules vs pretrained ones, when a preset or the panel needs
 #: the groups stage i unfreezes (group names or the aliases ``new`` / ``pretrained`` / ``high`` / ``all``).
 #: Stage 1 runs epochs 1..end1, stage 2 end1+1..end2, stage 3 end2+1..total (fewer with ``stages`` < 3).
 DEFAULT_VALUES = {
-    "stages": 3, "end1": 5, "end2": 20, "total": 50, "differential": False,
-    "lr": (1e-3, 1e-4, 1e-5), "lr_new": (1e-3, 1e-3, 1e-4),
+    "stages": 3,
+    "end1": 5,
+    "end2": 20,
+    "total": 50,
+    "differential": False,
+    "lr": (1e-3, 1e-4, 1e-5),
+    "lr_new": (1e-3, 1e-3, 1e-4),
     "trainable": (("new",), ("new", "high"), ("all",)),
 }
 
 
 # ------------------------------------------------------------------------------ values ⇄ schedule
-def _expand(names, groups: Sequence[str], new: Collection[str], where: str, high: Collection[str] | None = None) -> list[str]:
+def _expand(
+    names, groups: Sequence[str], new: Collection[str], where: str, high: Collection[str] | None = None
+) -> list[str]:
     names = (names,) if isinstance(names, str) else tuple(names)
     chosen = {g for name in names for g in Schedule._expand(name, groups, new, where, high)}
     return [g for g in groups if g in chosen]
@@ -55,8 +70,9 @@ def _high(groups: Sequence[str], new: Collection[str], high: Collection[str] | N
     return [g for g in groups if g in (default_high_groups(groups, new) if high is None else high)]
 
 
-def _compress(trainable: Sequence[str], groups: Sequence[str], new: Sequence[str],
-              high: Collection[str] | None = None) -> list[str] | str:
+def _compress(
+    trainable: Sequence[str], groups: Sequence[str], new: Sequence[str], high: Collection[str] | None = None
+) -> list[str] | str:
     """Concrete groups → the schedule's spelling: ``"all"``, ``["new", "high", ...]`` or plain names."""
     if set(trainable) == set(groups):
         return "all"
@@ -81,15 +97,23 @@ def _describe(chosen: Sequence[str], new: Sequence[str], high: Sequence[str] = (
     i = 0
     while i < len(rest):
         j = i
-        while (j + 1 < len(rest) and rest[j].startswith("layer") and rest[j + 1].startswith("layer")
-               and rest[j][5:].isdigit() and rest[j + 1][5:].isdigit() and int(rest[j + 1][5:]) == int(rest[j][5:]) + 1):
+        while (
+            j + 1 < len(rest)
+            and rest[j].startswith("layer")
+            and rest[j + 1].startswith("layer")
+            and rest[j][5:].isdigit()
+            and rest[j + 1][5:].isdigit()
+            and int(rest[j + 1][5:]) == int(rest[j][5:]) + 1
+        ):
             j += 1
         parts.append(rest[i] if j == i else f"{rest[i]}-{rest[j][5:]}")
         i = j + 1
     return "+".join(parts)
 
 
-def _stage_name(i: int, n: int, trainable: Sequence[str], previous: Sequence[str], groups, new, high=None) -> str:
+def _stage_name(
+    i: int, n: int, trainable: Sequence[str], previous: Sequence[str], groups, new, high=None
+) -> str:
     if set(trainable) == set(groups):
         return "all" if n == 1 else f"{i} all"  # the names three_stage_schedule / one_stage_schedule use
     high = _high(groups, new, high)
@@ -105,8 +129,12 @@ def _check_lr(value, what: str) -> float:
     return float(value)
 
 
-def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
-                         high_groups: Collection[str] | None = None) -> Schedule:
+def schedule_from_values(
+    values: Mapping,
+    groups: Sequence[str],
+    new_groups: Collection[str] = ("cbam", "head"),
+    high_groups: Collection[str] | None = None,
+) -> Schedule:
     """The :class:`Schedule` the panel's values describe, for a model with ``groups`` (input → output).
 
     ``values`` has the keys of :data:`DEFAULT_VALUES` (missing keys take those defaults); ``high_groups``:
@@ -129,22 +157,34 @@ def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Col
     for i in range(1, n):
         end, prev = ends[i], ends[i - 1]
         if i == n - 1:  # the last stage ends with the total
-            where, fix = f"the total is {end} epochs", f"raise the total above {prev} or end stage {i} earlier"
+            where, fix = (
+                f"the total is {end} epochs",
+                f"raise the total above {prev} or end stage {i} earlier",
+            )
         else:
-            where, fix = f"stage {i + 1} ends at epoch {end}", f"move the end of stage {i + 1} past epoch {prev}"
+            where, fix = (
+                f"stage {i + 1} ends at epoch {end}",
+                f"move the end of stage {i + 1} past epoch {prev}",
+            )
         if end < prev:
-            raise ValueError(f"stage {i + 1} would end before stage {i}: {where}, but stage {i} ends at epoch "
-                             f"{prev}. To fix it, {fix}.")
+            raise ValueError(
+                f"stage {i + 1} would end before stage {i}: {where}, but stage {i} ends at epoch "
+                f"{prev}. To fix it, {fix}."
+            )
         if end == prev:
-            raise ValueError(f"stage {i + 1} is empty: {where}, and stage {i} ends at epoch {prev} too. "
-                             f"To give stage {i + 1} at least one epoch, {fix}.")
+            raise ValueError(
+                f"stage {i + 1} is empty: {where}, and stage {i} ends at epoch {prev} too. "
+                f"To give stage {i + 1} at least one epoch, {fix}."
+            )
     stages, previous, first = [], [], 1
     for i in range(n):
         where = f"stage {i + 1}"
         trainable = _expand(v["trainable"][i], groups, new, where, high_groups)
         if not trainable:
-            raise ValueError(f"stage {i + 1} trains nothing: choose at least one group for it to unfreeze "
-                             f"(nothing trainable means nothing can learn).")
+            raise ValueError(
+                f"stage {i + 1} trains nothing: choose at least one group for it to unfreeze "
+                f"(nothing trainable means nothing can learn)."
+            )
         lr = _check_lr(v["lr"][i], f"the learning rate of stage {i + 1}")
         if v["differential"]:
             lr_new = _check_lr(v["lr_new"][i], f"the learning rate of new modules in stage {i + 1}")
@@ -154,31 +194,44 @@ def schedule_from_values(values: Mapping, groups: Sequence[str], new_groups: Col
         stages.append(Stage(name, ends[i] - first + 1, _compress(trainable, groups, new, high_groups), lr))
         previous, first = trainable, ends[i] + 1
     schedule = Schedule(stages)
-    schedule.plan(groups, new, high_groups)  # every stage resolves against these groups (raises ValueError otherwise)
+    schedule.plan(
+        groups, new, high_groups
+    )  # every stage resolves against these groups (raises ValueError otherwise)
     return schedule
 
 
-def values_from_schedule(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
-                         high_groups: Collection[str] | None = None) -> dict:
+def values_from_schedule(
+    schedule: Schedule,
+    groups: Sequence[str],
+    new_groups: Collection[str] = ("cbam", "head"),
+    high_groups: Collection[str] | None = None,
+) -> dict:
     """The panel's values for ``schedule`` (at most 3 stages; at most two learning rates per stage:
     one for new modules, one for pretrained groups). Raises ``ValueError`` for what the panel cannot show."""
     groups = list(groups)
     new = [g for g in groups if g in new_groups]
     if len(schedule.stages) > MAX_STAGES:
-        raise ValueError(f"the panel shows at most {MAX_STAGES} stages; this schedule has {len(schedule.stages)}")
+        raise ValueError(
+            f"the panel shows at most {MAX_STAGES} stages; this schedule has {len(schedule.stages)}"
+        )
     trainables, rates = [], []
     for stage in schedule.stages:
         trainable, lr = schedule.resolve(stage, groups, new, high_groups)
         rates_new = {lr[g] for g in trainable if g in new}
         rates_old = {lr[g] for g in trainable if g not in new}
         if len(rates_new) > 1 or len(rates_old) > 1:
-            raise ValueError(f"stage {stage.name!r} has more than one learning rate among its new or its "
-                             f"pretrained groups ({lr}); the panel has one slider for each")
+            raise ValueError(
+                f"stage {stage.name!r} has more than one learning rate among its new or its "
+                f"pretrained groups ({lr}); the panel has one slider for each"
+            )
         rates.append((next(iter(rates_new), None), next(iter(rates_old), None)))
         trainables.append(tuple(trainable))
     differential = any(a is not None and b is not None and a != b for a, b in rates)
     lr_old, lr_new = [], []
-    for a, b in rates:  # "lr" is the stage's rate (of its pretrained groups); "lr_new" that of its new modules
+    for (
+        a,
+        b,
+    ) in rates:  # "lr" is the stage's rate (of its pretrained groups); "lr_new" that of its new modules
         lr_old.append(a if b is None else b)
         # Outside differential mode the new modules' slider waits at RATIO× the stage's rate, so that
         # ticking "differential" gives the course's differential schedule.
@@ -190,25 +243,38 @@ def values_from_schedule(schedule: Schedule, groups: Sequence[str], new_groups: 
         lr_old.append(lr_old[-1] / RATIO)
         lr_new.append(lr_new[-1] / RATIO)
     return {
-        "stages": n, "end1": ends[0], "end2": ends[1] if n >= 3 else max(ends[-1], ends[0]), "total": ends[-1],
-        "differential": differential, "lr": tuple(lr_old), "lr_new": tuple(lr_new),
+        "stages": n,
+        "end1": ends[0],
+        "end2": ends[1] if n >= 3 else max(ends[-1], ends[0]),
+        "total": ends[-1],
+        "differential": differential,
+        "lr": tuple(lr_old),
+        "lr_new": tuple(lr_new),
         "trainable": tuple(trainables),
     }
 
 
-def fastai_schedule(epochs: Sequence[int] = (5, 15, 30), base_lr: float = 2e-3, lr_mult: float = 100.0) -> Schedule:
+def fastai_schedule(
+    epochs: Sequence[int] = (5, 15, 30), base_lr: float = 2e-3, lr_mult: float = 100.0
+) -> Schedule:
     """fastai's ``fine_tune`` in two stages: the new modules alone at ``base_lr``, then everything with the
     head at ``base_lr/2`` and the pretrained body ``lr_mult``× slower (fastai spreads the middle layer
     groups between the two; the panel has one rate for all pretrained groups)."""
     e1, *rest = epochs
-    return Schedule([Stage("1 head+cbam", e1, ["new"], base_lr),
-                     Stage("2 all", sum(rest), "all", {"new": base_lr / 2, "pretrained": base_lr / 2 / lr_mult})])
+    return Schedule(
+        [
+            Stage("1 head+cbam", e1, ["new"], base_lr),
+            Stage("2 all", sum(rest), "all", {"new": base_lr / 2, "pretrained": base_lr / 2 / lr_mult}),
+        ]
+    )
 
 
 #: Preset menu: label → schedule for the stage lengths ``epochs`` (e1, e2, e3); all keep the same total.
 PRESETS: dict[str, Callable[[Sequence[int]], Schedule]] = {
     "三阶段 three-stage (course)": lambda e: three_stage_schedule(epochs=e),
-    "三阶段 + 差异化学习率 three-stage, differential": lambda e: three_stage_schedule(differential=True, epochs=e),
+    "三阶段 + 差异化学习率 three-stage, differential": lambda e: three_stage_schedule(
+        differential=True, epochs=e
+    ),
     "两阶段 fastai-style two stages": fastai_schedule,
     "一阶段全量微调 one stage, full fine-tuning": lambda e: one_stage_schedule(sum(e), 1e-4),
 }
@@ -219,14 +285,21 @@ def schedule_summary(schedule: Schedule) -> str:
     """One line: ``1-5 head+cbam @1e-3 | 6-20 +layer3-4 @1e-4 | 21-50 all @1e-5``."""
     parts = []
     for stage, (_, first, last) in zip(schedule.stages, schedule.boundaries()):
-        lr = (", ".join(f"{k} {v:.0e}" for k, v in stage.lr.items()) if isinstance(stage.lr, dict)
-              else f"{stage.lr:.0e}")
+        lr = (
+            ", ".join(f"{k} {v:.0e}" for k, v in stage.lr.items())
+            if isinstance(stage.lr, dict)
+            else f"{stage.lr:.0e}"
+        )
         parts.append(f"{first}-{last} {stage.name.split(' ', 1)[-1]} @{lr}")
     return " | ".join(parts)
 
 
-def preview_rows(schedule: Schedule, groups: Sequence[str], new_groups: Collection[str] = ("cbam", "head"),
-                 high_groups: Collection[str] | None = None) -> list[dict]:
+def preview_rows(
+    schedule: Schedule,
+    groups: Sequence[str],
+    new_groups: Collection[str] = ("cbam", "head"),
+    high_groups: Collection[str] | None = None,
+) -> list[dict]:
     """The preview table: per stage its epochs, trainable groups, and learning rates grouped by value."""
     rows = []
     for stage, (_, first, last) in zip(schedule.stages, schedule.boundaries()):
@@ -240,10 +313,18 @@ def preview_rows(schedule: Schedule, groups: Sequence[str], new_groups: Collecti
         def who(gs):
             return "new" if gs == new else "pretrained" if gs == old else ", ".join(gs)
 
-        rows.append({"stage": stage.name, "epochs": f"{first}-{last}", "n": stage.epochs,
-                     "trainable": ", ".join(trainable),
-                     "lr": " · ".join(f"{rate:.1e} ({who(gs)})" if len(by_rate) > 1 else f"{rate:.1e}"
-                                      for rate, gs in by_rate.items())})
+        rows.append(
+            {
+                "stage": stage.name,
+                "epochs": f"{first}-{last}",
+                "n": stage.epochs,
+                "trainable": ", ".join(trainable),
+                "lr": " · ".join(
+                    f"{rate:.1e} ({who(gs)})" if len(by_rate) > 1 else f"{rate:.1e}"
+                    for rate, gs in by_rate.items()
+                ),
+            }
+        )
     return rows
 
 
@@ -257,7 +338,11 @@ def _html_table(rows: list[dict], css: str, caption: str = "") -> str:
         return f"<td style='padding:2px 8px;white-space:{wrap}'>{html.escape(str(value))}</td>"
 
     body = "".join("<tr>" + "".join(cell(k, v) for k, v in row.items()) + "</tr>" for row in rows)
-    cap = f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>" if caption else ""
+    cap = (
+        f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>"
+        if caption
+        else ""
+    )
     return f"<table class='{css}' style='border-collapse:collapse;font-size:13px'>{cap}<tr>{head}</tr>{body}</table>"
 
 
@@ -279,9 +364,20 @@ class ScheduleDesigner(W.VBox):
     run's ``fit(..., bn_policy=...)``; choosing a preset keeps it.
     """
 
-    def __init__(self, model: nn.Module, train_loader=None, val_loader=None, *, model_fn=None,
-                 epochs: Sequence[int] = (5, 15, 30), preset: str | None = None, max_epochs: int | None = None,
-                 fit_kwargs: Mapping | None = None, finder_kwargs: Mapping | None = None, bn_policy: str = "train"):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader=None,
+        val_loader=None,
+        *,
+        model_fn=None,
+        epochs: Sequence[int] = (5, 15, 30),
+        preset: str | None = None,
+        max_epochs: int | None = None,
+        fit_kwargs: Mapping | None = None,
+        finder_kwargs: Mapping | None = None,
+        bn_policy: str = "train",
+    ):
         self.groups = list(layer_groups(model))
         self.new_groups = tuple(g for g in self.groups if g in getattr(model, "new_groups", ("cbam", "head")))
         self.high_groups = tuple(g for g in self.groups if g in high_groups_of(model))
@@ -300,48 +396,95 @@ class ScheduleDesigner(W.VBox):
         top = max(10, 2 * sum(self.epochs)) if max_epochs is None else int(max_epochs)
 
         def slider(cls, description, css, width="420px", label="150px", **kw):
-            s = cls(description=description, continuous_update=False, style={"description_width": label},
-                    layout=W.Layout(width=width), **kw)
+            s = cls(
+                description=description,
+                continuous_update=False,
+                style={"description_width": label},
+                layout=W.Layout(width=width),
+                **kw,
+            )
             s.add_class(css)
             return s
 
-        self.w_preset = W.Dropdown(options=[*PRESETS, CUSTOM], description="预设 preset",
-                                   layout=W.Layout(width="420px"))
+        self.w_preset = W.Dropdown(
+            options=[*PRESETS, CUSTOM], description="预设 preset", layout=W.Layout(width="420px")
+        )
         self.w_preset.add_class("schedule-preset")
-        self.w_stages = W.ToggleButtons(options=[("1", 1), ("2", 2), ("3", 3)], value=3, description="阶段数 stages",
-                                        style={"button_width": "36px"})
-        self.w_differential = W.Checkbox(value=False, description="差异化学习率 differential (new vs pretrained)",
-                                         indent=False, layout=W.Layout(width="auto"))
+        self.w_stages = W.ToggleButtons(
+            options=[("1", 1), ("2", 2), ("3", 3)],
+            value=3,
+            description="阶段数 stages",
+            style={"button_width": "36px"},
+        )
+        self.w_differential = W.Checkbox(
+            value=False,
+            description="差异化学习率 differential (new vs pretrained)",
+            indent=False,
+            layout=W.Layout(width="auto"),
+        )
         # the BatchNorm policy of the run (fit's bn_policy): not part of a preset, kept when a preset is chosen
-        self.w_bn = W.ToggleButtons(options=list(BN_POLICIES), value=check_bn_policy(bn_policy),
-                                    description="BatchNorm", style={"button_width": "84px"},
-                                    tooltips=["unfrozen groups' BN in train mode (the default)",
-                                              "pretrained groups' BN statistics stay as loaded",
-                                              "re-estimate the statistics of the groups a stage unfreezes"])
+        self.w_bn = W.ToggleButtons(
+            options=list(BN_POLICIES),
+            value=check_bn_policy(bn_policy),
+            description="BatchNorm",
+            style={"button_width": "84px"},
+            tooltips=[
+                "unfrozen groups' BN in train mode (the default)",
+                "pretrained groups' BN statistics stay as loaded",
+                "re-estimate the statistics of the groups a stage unfreezes",
+            ],
+        )
         self.w_bn.add_class("schedule-bn-policy")
         self.w_end1 = slider(W.IntSlider, "阶段1结束 stage 1 ends", "schedule-end1", min=1, max=top)
         self.w_end2 = slider(W.IntSlider, "阶段2结束 stage 2 ends", "schedule-end2", min=1, max=top)
         self.w_total = slider(W.IntSlider, "总轮数 total epochs", "schedule-total", min=1, max=top)
         lr_kw = dict(base=10, min=-7, max=-1, step=0.1, readout_format=".1e", width="300px", label="80px")
-        self.w_lr = [slider(W.FloatLogSlider, "lr", f"schedule-lr-{i + 1}", **lr_kw) for i in range(MAX_STAGES)]
-        self.w_lr_new = [slider(W.FloatLogSlider, "lr 新模块", f"schedule-lr-new-{i + 1}", **lr_kw)
-                         for i in range(MAX_STAGES)]
-        self.w_train = [{g: W.ToggleButton(description=g, tooltip=f"stage {i + 1} trains {g}",
-                                           layout=W.Layout(width="auto", min_width="56px"))
-                         for g in self.groups} for i in range(MAX_STAGES)]
-        self.w_find_lr = [W.Button(description="找学习率 find LR", icon="search",
-                                   tooltip=f"run the LR finder for stage {i + 1} on a fresh copy of the model",
-                                   layout=W.Layout(width="auto")) for i in range(MAX_STAGES)]
+        self.w_lr = [
+            slider(W.FloatLogSlider, "lr", f"schedule-lr-{i + 1}", **lr_kw) for i in range(MAX_STAGES)
+        ]
+        self.w_lr_new = [
+            slider(W.FloatLogSlider, "lr 新模块", f"schedule-lr-new-{i + 1}", **lr_kw)
+            for i in range(MAX_STAGES)
+        ]
+        self.w_train = [
+            {
+                g: W.ToggleButton(
+                    description=g,
+                    tooltip=f"stage {i + 1} trains {g}",
+                    layout=W.Layout(width="auto", min_width="56px"),
+                )
+                for g in self.groups
+            }
+            for i in range(MAX_STAGES)
+        ]
+        self.w_find_lr = [
+            W.Button(
+                description="找学习率 find LR",
+                icon="search",
+                tooltip=f"run the LR finder for stage {i + 1} on a fresh copy of the model",
+                layout=W.Layout(width="auto"),
+            )
+            for i in range(MAX_STAGES)
+        ]
         for i, button in enumerate(self.w_find_lr):
             button.add_class(f"schedule-find-lr-{i + 1}")
             button.on_click(lambda _b, stage=i + 1: self._on_find_lr_clicked(stage))
         self._columns = []
         for i in range(MAX_STAGES):
-            toggles = W.HBox(list(self.w_train[i].values()), layout=W.Layout(flex_flow="row wrap", width="300px"))
+            toggles = W.HBox(
+                list(self.w_train[i].values()), layout=W.Layout(flex_flow="row wrap", width="300px")
+            )
             toggles.add_class(f"schedule-trainable-{i + 1}")
-            column = W.VBox([W.HTML(f"<b>阶段 {i + 1} (stage {i + 1})</b> — 解冻 (unfreeze):"), toggles,
-                             self.w_lr[i], self.w_lr_new[i], self.w_find_lr[i]],
-                            layout=W.Layout(border="1px solid #ddd", padding="4px", margin="2px"))
+            column = W.VBox(
+                [
+                    W.HTML(f"<b>阶段 {i + 1} (stage {i + 1})</b> — 解冻 (unfreeze):"),
+                    toggles,
+                    self.w_lr[i],
+                    self.w_lr_new[i],
+                    self.w_find_lr[i],
+                ],
+                layout=W.Layout(border="1px solid #ddd", padding="4px", margin="2px"),
+            )
             self._columns.append(column)
         self.w_error = W.HTML("")
         self.w_error.add_class("schedule-error")
@@ -367,14 +510,25 @@ class ScheduleDesigner(W.VBox):
         for w in self._value_widgets():
             w.observe(self._on_change, names="value")
         self.w_preset.observe(self._on_preset, names="value")
-        super().__init__([
-            W.HBox([self.w_preset, self.w_stages, self.w_differential], layout=W.Layout(flex_flow="row wrap")),
-            self.w_bn,
-            W.HBox([self.w_end1, self.w_end2, self.w_total], layout=W.Layout(flex_flow="row wrap")),
-            W.HBox(self._columns, layout=W.Layout(flex_flow="row wrap")),
-            self.w_error, self.w_lr_status, self.w_lr_curve, self.w_plot, self.w_table,
-            W.HBox([self.w_button, self.w_status]), self.w_progress, self.w_curves, self.w_runs,
-        ])
+        super().__init__(
+            [
+                W.HBox(
+                    [self.w_preset, self.w_stages, self.w_differential], layout=W.Layout(flex_flow="row wrap")
+                ),
+                self.w_bn,
+                W.HBox([self.w_end1, self.w_end2, self.w_total], layout=W.Layout(flex_flow="row wrap")),
+                W.HBox(self._columns, layout=W.Layout(flex_flow="row wrap")),
+                self.w_error,
+                self.w_lr_status,
+                self.w_lr_curve,
+                self.w_plot,
+                self.w_table,
+                W.HBox([self.w_button, self.w_status]),
+                self.w_progress,
+                self.w_curves,
+                self.w_runs,
+            ]
+        )
         self.add_class("schedule-designer")
         preset = next(iter(PRESETS)) if preset is None else preset
         if preset not in PRESETS:
@@ -395,9 +549,13 @@ class ScheduleDesigner(W.VBox):
     @property
     def values(self) -> dict:
         return {
-            "stages": self.w_stages.value, "end1": self.w_end1.value, "end2": self.w_end2.value,
-            "total": self.w_total.value, "differential": self.w_differential.value,
-            "lr": tuple(w.value for w in self.w_lr), "lr_new": tuple(w.value for w in self.w_lr_new),
+            "stages": self.w_stages.value,
+            "end1": self.w_end1.value,
+            "end2": self.w_end2.value,
+            "total": self.w_total.value,
+            "differential": self.w_differential.value,
+            "lr": tuple(w.value for w in self.w_lr),
+            "lr_new": tuple(w.value for w in self.w_lr_new),
             "trainable": tuple(tuple(g for g, t in toggles.items() if t.value) for toggles in self.w_train),
             "bn_policy": self.w_bn.value,
         }
@@ -423,7 +581,11 @@ class ScheduleDesigner(W.VBox):
             for w, x in zip(self.w_lr_new, v["lr_new"]):
                 w.value = x
             for i, toggles in enumerate(self.w_train):
-                chosen = set(_expand(v["trainable"][i], self.groups, self.new_groups, f"stage {i + 1}", self.high_groups))
+                chosen = set(
+                    _expand(
+                        v["trainable"][i], self.groups, self.new_groups, f"stage {i + 1}", self.high_groups
+                    )
+                )
                 for g, t in toggles.items():
                     t.value = g in chosen
             if custom:
@@ -438,7 +600,9 @@ class ScheduleDesigner(W.VBox):
         return self._schedule
 
     def _apply_preset(self, name: str) -> None:
-        values = values_from_schedule(PRESETS[name](self.epochs), self.groups, self.new_groups, self.high_groups)
+        values = values_from_schedule(
+            PRESETS[name](self.epochs), self.groups, self.new_groups, self.high_groups
+        )
         self.set_values(values, custom=False)
 
     def _on_preset(self, change) -> None:
@@ -481,7 +645,8 @@ class ScheduleDesigner(W.VBox):
             self.w_error.value = (
                 "<div style='border:2px solid #c00;background:#fee;padding:6px;margin:4px 0'>"
                 f"<b>⚠ 无效的选择 (invalid choice):</b> {html.escape(self.error)}<br>"
-                "仍显示上一个有效的日程 (the preview keeps the last valid schedule).</div>")
+                "仍显示上一个有效的日程 (the preview keeps the last valid schedule).</div>"
+            )
             self.w_button.disabled = True
             self.w_button.tooltip = "fix the invalid choice first"
             return
@@ -500,16 +665,20 @@ class ScheduleDesigner(W.VBox):
         schedule = self._schedule
         # The plot first: when the table's text changes (what a browser test waits for), both are new.
         self.w_plot.value = _png(plot_lr(schedule.plan(self.groups, self.new_groups, self.high_groups)))
-        self.w_table.value = _html_table(preview_rows(schedule, self.groups, self.new_groups, self.high_groups),
-                                         "schedule-table",
-                                         f"日程 (schedule): {schedule.epochs} epochs")
+        self.w_table.value = _html_table(
+            preview_rows(schedule, self.groups, self.new_groups, self.high_groups),
+            "schedule-table",
+            f"日程 (schedule): {schedule.epochs} epochs",
+        )
 
     # -- training
     def fresh_model(self) -> nn.Module:
         """A new model for a run: ``model_fn()``, or a copy of the model the panel was made with."""
         return self.model_fn() if self.model_fn is not None else copy.deepcopy(self._template)
 
-    def train(self, model: nn.Module | None = None, *, on_epoch_end=None, in_panel: bool = False, **fit_kwargs):
+    def train(
+        self, model: nn.Module | None = None, *, on_epoch_end=None, in_panel: bool = False, **fit_kwargs
+    ):
         """Train the panel's schedule (on ``model`` or a fresh one) with progress bars and live curves;
         the run becomes a row of the comparison table. Returns the :class:`~course_utils.train.History`."""
         from IPython import get_ipython
@@ -521,7 +690,9 @@ class ScheduleDesigner(W.VBox):
         if self.error:
             raise ValueError(f"the panel's current choice is invalid: {self.error}")
         if self.train_loader is None:
-            raise ValueError("this panel has no data: pass train_loader (and val_loader) to schedule_designer")
+            raise ValueError(
+                "this panel has no data: pass train_loader (and val_loader) to schedule_designer"
+            )
         schedule = self._schedule
         model = self.fresh_model() if model is None else model
         handle = None
@@ -542,8 +713,14 @@ class ScheduleDesigner(W.VBox):
                 on_epoch_end(history)
 
         start = time.perf_counter()
-        history = fit(model, schedule, self.train_loader, self.val_loader, on_epoch_end=live,
-                      **{"bn_policy": self.w_bn.value, **self.fit_kwargs, **fit_kwargs})
+        history = fit(
+            model,
+            schedule,
+            self.train_loader,
+            self.val_loader,
+            on_epoch_end=live,
+            **{"bn_policy": self.w_bn.value, **self.fit_kwargs, **fit_kwargs},
+        )
         self.add_run(schedule, history, time.perf_counter() - start)
         return history
 
@@ -557,11 +734,17 @@ class ScheduleDesigner(W.VBox):
         rows = []
         for i, run in enumerate(self.runs, start=1):
             acc = [a for a in run["history"]["val_acc"] if a is not None]
-            rows.append({"run": i, "schedule": schedule_summary(run["schedule"]),
-                         "BN": run["history"].meta.get("bn_policy", "train"), "epochs": len(run["history"]),
-                         "final val acc": f"{acc[-1]:.3f}" if acc else "-",
-                         "best val acc": f"{max(acc):.3f}" if acc else "-",
-                         "seconds": f"{run['seconds']:.1f}"})
+            rows.append(
+                {
+                    "run": i,
+                    "schedule": schedule_summary(run["schedule"]),
+                    "BN": run["history"].meta.get("bn_policy", "train"),
+                    "epochs": len(run["history"]),
+                    "final val acc": f"{acc[-1]:.3f}" if acc else "-",
+                    "best val acc": f"{max(acc):.3f}" if acc else "-",
+                    "seconds": f"{run['seconds']:.1f}",
+                }
+            )
         return rows
 
     def _in_panel(self, status: W.HTML, running: str, failed: str, action) -> bool:
@@ -578,8 +761,10 @@ class ScheduleDesigner(W.VBox):
                 action()
             return True
         except Exception as err:
-            status.value = (f"<span style='color:#c00'><b>{failed}:</b> "
-                            f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>")
+            status.value = (
+                f"<span style='color:#c00'><b>{failed}:</b> "
+                f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>"
+            )
             return False
         finally:
             self._busy = False
@@ -589,7 +774,9 @@ class ScheduleDesigner(W.VBox):
         if self.error:
             return
         running = f"训练中 (training) run {len(self.runs) + 1} …"
-        if self._in_panel(self.w_status, running, "训练失败 (training failed)", lambda: self.train(in_panel=True)):
+        if self._in_panel(
+            self.w_status, running, "训练失败 (training failed)", lambda: self.train(in_panel=True)
+        ):
             self.w_status.value = f"完成 (done): run {len(self.runs)}"
 
     # -- learning-rate finder
@@ -609,10 +796,18 @@ class ScheduleDesigner(W.VBox):
         schedule = self._schedule
         if not 1 <= stage <= len(schedule.stages):
             raise ValueError(f"stage {stage} is not in the current schedule of {len(schedule.stages)} stages")
-        shared = {k: v for k, v in self.fit_kwargs.items()
-                  if k in ("device", "weight_decay", "optimizer", "label_smoothing", "amp", "channels_last")}
-        result = lr_find(self.fresh_model(), schedule, self.train_loader, which=stage,
-                         **{**shared, **self.finder_kwargs, **finder_kwargs})
+        shared = {
+            k: v
+            for k, v in self.fit_kwargs.items()
+            if k in ("device", "weight_decay", "optimizer", "label_smoothing", "amp", "channels_last")
+        }
+        result = lr_find(
+            self.fresh_model(),
+            schedule,
+            self.train_loader,
+            which=stage,
+            **{**shared, **self.finder_kwargs, **finder_kwargs},
+        )
         self.finder_results[stage] = result
         self.w_lr_curve.value = _png(result.plot())
         self.w_lr_curve.layout.display = None
@@ -623,29 +818,47 @@ class ScheduleDesigner(W.VBox):
         """Set stage ``stage``'s slider(s) to ``result``'s suggestion; returns the panel's message."""
         i = stage - 1
         lr = result.suggested_stage().lr
-        lrs, lrs_new = list(self.w_lr[j].value for j in range(MAX_STAGES)), list(w.value for w in self.w_lr_new)
+        lrs, lrs_new = (
+            list(self.w_lr[j].value for j in range(MAX_STAGES)),
+            list(w.value for w in self.w_lr_new),
+        )
         if isinstance(lr, dict):  # differential: {"new": …, "pretrained": …}
             lrs_new[i], lrs[i] = lr["new"], lr["pretrained"]
         elif self.w_differential.value and all(g in self.new_groups for g in result.shares):
             lrs_new[i] = lr  # only new modules: their slider
         else:
             lrs[i] = lr
-            if not self.w_differential.value:  # the new modules' slider waits at RATIO× (see values_from_schedule)
+            if (
+                not self.w_differential.value
+            ):  # the new modules' slider waits at RATIO× (see values_from_schedule)
                 lrs_new[i] = lr if all(g in self.new_groups for g in result.shares) else lr * RATIO
         low, high = self.w_lr[i].base ** self.w_lr[i].min, self.w_lr[i].base ** self.w_lr[i].max
         clipped = [x for x in (lrs[i], lrs_new[i]) if not low <= x <= high]
-        self.set_values({"lr": tuple(min(max(x, low), high) for x in lrs),
-                         "lr_new": tuple(min(max(x, low), high) for x in lrs_new)})
+        self.set_values(
+            {
+                "lr": tuple(min(max(x, low), high) for x in lrs),
+                "lr_new": tuple(min(max(x, low), high) for x in lrs_new),
+            }
+        )
         rates = ", ".join(f"{g} {x:.1e}" for g, x in result.suggested_lrs().items())
-        note = (f" <span style='color:#c60'>(outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end)</span>"
-                if clipped else "")
+        note = (
+            f" <span style='color:#c60'>(outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end)</span>"
+            if clipped
+            else ""
+        )
         stopped = "stopped at divergence" if result.diverged else "no divergence up to the end of the sweep"
-        return (f"<b>阶段 {stage} (stage {stage})</b> LR finder: suggestion {result.suggestion():.1e} "
-                f"(valley; {len(result)} steps, {stopped}) → {html.escape(rates)}{note}")
+        return (
+            f"<b>阶段 {stage} (stage {stage})</b> LR finder: suggestion {result.suggestion():.1e} "
+            f"(valley; {len(result)} steps, {stopped}) → {html.escape(rates)}{note}"
+        )
 
     def _on_find_lr_clicked(self, stage: int) -> None:
-        self._in_panel(self.w_lr_status, f"阶段 {stage} (stage {stage}): LR finder running …",
-                       f"LR finder failed (stage {stage})", lambda: self.find_lr(stage))
+        self._in_panel(
+            self.w_lr_status,
+            f"阶段 {stage} (stage {stage}): LR finder running …",
+            f"LR finder failed (stage {stage})",
+            lambda: self.find_lr(stage),
+        )
 
 
 def schedule_designer(model: nn.Module, train_loader=None, val_loader=None, **kwargs):

@@ -1,4 +1,5 @@
 """Plain helper functions shared by the tests (fixtures live in conftest.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def random_images(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, 
 def make_loaders(images, labels, batch_size: int = 32, n_train: int | None = None, seed: int = 0):
     """A training TensorLoader (augmented, shuffled, drop_last) and an eval one over the same images."""
     n_train = n_train or len(labels)
-    train = cdata.TensorLoader(images[:n_train], labels[:n_train], batch_size, train=True, device="cpu", seed=seed)
+    train = cdata.TensorLoader(
+        images[:n_train], labels[:n_train], batch_size, train=True, device="cpu", seed=seed
+    )
     val = cdata.TensorLoader(images[:n_train], labels[:n_train], 64, train=False, device="cpu")
     return train, val
 

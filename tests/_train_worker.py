@@ -5,6 +5,7 @@
 When epoch STALL_EPOCH has done its first step, writes MARKER and sleeps, so the test can SIGKILL the
 process mid-epoch at a known point.
 """
+
 import os
 import sys
 import time
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(int(os.environ.get("COURSE_TEST_THREADS", "1")))  # as conftest.py: same numbers bit for bit
+torch.set_num_threads(
+    int(os.environ.get("COURSE_TEST_THREADS", "1"))
+)  # as conftest.py: same numbers bit for bit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _helpers import HookedLoader, reference_loaders, reference_model, reference_schedule  # noqa: E402
@@ -28,8 +31,15 @@ def main(weights, checkpoint, marker, stall_epoch):
 
     train, val = reference_loaders()
     model = reference_model(weights)
-    fit(model, reference_schedule(), HookedLoader(train, hook), val, checkpoint=checkpoint, progress=False,
-        device="cpu")
+    fit(
+        model,
+        reference_schedule(),
+        HookedLoader(train, hook),
+        val,
+        checkpoint=checkpoint,
+        progress=False,
+        device="cpu",
+    )
 
 
 if __name__ == "__main__":

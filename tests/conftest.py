@@ -3,6 +3,7 @@
 Everything is seeded; the models are the course's ResNet18 with the ImageNet stem at 32×32 (the cheapest
 configuration on a CPU) and the data a few dozen images, so the suite runs in a few minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import errno
@@ -24,6 +25,7 @@ torch.set_num_threads(TEST_THREADS)
 os.environ.setdefault("COURSE_PRECISION", "rule")
 
 from _helpers import make_loaders, random_images
+
 from course_utils import data as cdata
 
 
@@ -88,6 +90,7 @@ def cifar_subset():
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to reach the network fails at once, as on an offline machine."""
+
     def refuse(*args, **kwargs):
         raise OSError(errno.ENETUNREACH, "Network is unreachable (simulated by the test)")
 

@@ -1,4 +1,5 @@
 """The fast path's augmentation, and ``python -m course_utils bench`` end to end on tiny sizes."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import json
 import pytest
 import torch
 
-from course_utils import __main__ as cli
 from course_utils.data import CIFAR_MEAN, CIFAR_STD, TensorLoader
+from course_utils.machinery import cli
 
 N, PAD = 48, 4
 
@@ -15,7 +16,9 @@ N, PAD = 48, 4
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """Random uint8 images: every crop offset and flip of one gives a different picture."""
-    return torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    return torch.randint(
+        0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)
+    )
 
 
 def loader(images, seed=0, **kw) -> TensorLoader:
@@ -38,9 +41,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def crop_params(source: torch.Tensor, out: torch.Tensor) -> tuple[int, int, bool]:
     """The ``(dy, dx, flip)`` that turns ``source`` (3, 32, 32) into ``out``, searched over all of them."""
     padded = torch.nn.functional.pad(source, (PAD,) * 4)
-    found = [(dy, dx, flip) for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1) for flip in (False, True)
-             if torch.equal(padded[:, dy:dy + 32, dx:dx + 32].flip(-1) if flip else padded[:, dy:dy + 32, dx:dx + 32],
-                            out)]
+    found = [
+        (dy, dx, flip)
+        for dy in range(2 * PAD + 1)
+        for dx in range(2 * PAD + 1)
+        for flip in (False, True)
+        if torch.equal(
+            padded[:, dy : dy + 32, dx : dx + 32].flip(-1) if flip else padded[:, dy : dy + 32, dx : dx + 32],
+            out,
+        )
+    ]
     assert len(found) == 1, f"output is not one crop+flip of its source image: {found}"
     return found[0]
 
@@ -103,8 +113,25 @@ def test_the_same_seed_and_epoch_give_identical_batches(images):
 
 def test_bench_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    cli.main(["bench", "--device", "cpu", "--images", "32", "--batch-size", "16", "--repeats", "1",
-              "--workers", "0", "--synthetic", "--no-progress", "--json", str(out)])
+    cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--images",
+            "32",
+            "--batch-size",
+            "16",
+            "--repeats",
+            "1",
+            "--workers",
+            "0",
+            "--synthetic",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "train img/s" in printed and "eval img/s" in printed and "course / plain" in printed
     result = json.loads(out.read_text())
@@ -114,16 +141,19 @@ def test_bench_command_end_to_end(tmp_path, capsys):
         for row in result[section].values():
             assert row["images_per_s"] > 0 and row["peak_mb"] > 0 and row["images"] == 32
             assert len(row["runs_images_per_s"]) == 1
-    assert result["ratio"]["train"] == pytest.approx(result["train"]["course"]["images_per_s"]
-                                                     / result["train"]["plain"]["images_per_s"])
-    assert result["ratio"]["eval"] == pytest.approx(result["eval"]["course"]["images_per_s"]
-                                                    / result["eval"]["plain"]["images_per_s"])
-    assert result["ratio"]["train_vs_lesson"] == pytest.approx(result["train"]["course"]["images_per_s"]
-                                                               / result["train"]["lesson"]["images_per_s"])
+    assert result["ratio"]["train"] == pytest.approx(
+        result["train"]["course"]["images_per_s"] / result["train"]["plain"]["images_per_s"]
+    )
+    assert result["ratio"]["eval"] == pytest.approx(
+        result["eval"]["course"]["images_per_s"] / result["eval"]["plain"]["images_per_s"]
+    )
+    assert result["ratio"]["train_vs_lesson"] == pytest.approx(
+        result["train"]["course"]["images_per_s"] / result["train"]["lesson"]["images_per_s"]
+    )
     assert result["config"]["device"] == "cpu" and result["config"]["data"] == "synthetic uint8 images"
     assert result["memory_method"]
     # a busy machine at the start is flagged; the benchmark's own load at the end is not
-    from course_utils.bench import format_table
+    from course_utils.machinery.bench import format_table
 
     cores = result["machine"]["cpu_count"]
     result["machine"].update(load_avg_start=0.1, load_avg_end=cores * 2.0)
@@ -143,10 +173,18 @@ def test_bench_help_lists_the_options(capsys):
 
 def test_accuracy_mode_trains_both_paths_on_the_same_split(tmp_path):
     """``bench --accuracy``: both paths on the same real split, one accuracy per seed, summary consistent."""
-    from course_utils import bench
+    from course_utils.machinery import bench
 
-    result = bench.run_accuracy(device="cpu", epochs=1, seeds=2, train_size=200, val_size=100, batch_size=50,
-                                workers=0, progress=False)
+    result = bench.run_accuracy(
+        device="cpu",
+        epochs=1,
+        seeds=2,
+        train_size=200,
+        val_size=100,
+        batch_size=50,
+        workers=0,
+        progress=False,
+    )
     assert result["config"]["train"] == 200 and result["config"]["val"] == 100
     for row in result["accuracy"].values():
         assert len(row["val_acc"]) == 2

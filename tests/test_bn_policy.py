@@ -6,6 +6,7 @@ recalibration gives the statistics computed here by hand from the same batches a
 (parameters, RNGs, the training order), that "train" is the old behaviour bit for bit, and that resuming
 mid-schedule reproduces the uninterrupted run under every policy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,11 +14,19 @@ import random
 
 import pytest
 import torch
+from _helpers import (
+    differing,
+    expected_group,
+    group_state,
+    random_images,
+    reference_loaders,
+    reference_model,
+    reference_schedule,
+)
 
-from _helpers import (differing, expected_group, group_state, random_images, reference_loaders, reference_model,
-                      reference_schedule)
-from course_utils import experiments, finetune, plots, train
-from course_utils.finetune import BN_POLICIES, Schedule, Stage, recalibrate_bn, recalibration_groups
+from course_utils import batchnorm, experiments, finetune, plots, train
+from course_utils.batchnorm import BN_POLICIES, recalibrate_bn, recalibration_groups
+from course_utils.finetune import Schedule, Stage
 from course_utils.models import layer_groups
 from course_utils.train import CheckpointError, fit
 
@@ -55,8 +64,16 @@ def run(weights, bn_policy=None, schedule=None, record=None, **kwargs):
         record.append(group_state(model))
         kwargs["on_epoch_end"] = lambda history: record.append(group_state(model))
     policy = {} if bn_policy is None else {"bn_policy": bn_policy}
-    history = fit(model, schedule or reference_schedule(), train_loader, val_loader, progress=False, device="cpu",
-                  **policy, **kwargs)
+    history = fit(
+        model,
+        schedule or reference_schedule(),
+        train_loader,
+        val_loader,
+        progress=False,
+        device="cpu",
+        **policy,
+        **kwargs,
+    )
     return model, history
 
 
@@ -75,10 +92,14 @@ def runs(resnet18_state_file):
 # ------------------------------------------------------------------------------ the schedule carries the policy
 def test_stage_bn_round_trips_and_is_part_of_equality():
     plain = reference_schedule()
-    per_stage = Schedule([Stage("a", 1, ["new"], 1e-3, bn="recalibrate"), Stage("b", 1, "all", 1e-4, bn="frozen")])
+    per_stage = Schedule(
+        [Stage("a", 1, ["new"], 1e-3, bn="recalibrate"), Stage("b", 1, "all", 1e-4, bn="frozen")]
+    )
     assert Schedule.from_dict(per_stage.to_dict()) == per_stage
     assert [s.bn for s in Schedule.from_dict(per_stage.to_dict()).stages] == ["recalibrate", "frozen"]
-    assert "bn" not in plain.to_dict()[0], "a stage without bn keeps the old dict (saved runs keep their hash)"
+    assert "bn" not in plain.to_dict()[0], (
+        "a stage without bn keeps the old dict (saved runs keep their hash)"
+    )
     assert Schedule.from_dict(plain.to_dict()) == plain
     frozen_stage = Schedule([Stage(s.name, s.epochs, s.trainable, s.lr, bn="frozen") for s in plain.stages])
     assert frozen_stage != plain
@@ -92,20 +113,32 @@ def test_unknown_policy_is_refused_with_the_choices(bad, loaders):
     with pytest.raises(ValueError, match="train.*frozen.*recalibrate"):
         Stage("s", 1, "all", 1e-3, bn=bad)
     with pytest.raises(ValueError, match="bn_policy must be one of"):
-        fit(reference_model(None), reference_schedule(), *loaders, progress=False, device="cpu", bn_policy=bad)
+        fit(
+            reference_model(None), reference_schedule(), *loaders, progress=False, device="cpu", bn_policy=bad
+        )
 
 
 def test_recalibration_groups_per_stage():
     model = reference_model(None)
     plans = reference_schedule().plan_for(model)  # epochs: 1 | 2 3 | 4
     assert [recalibration_groups(model, plans, e, "recalibrate") for e in (1, 2, 3, 4)] == [
-        list(PRETRAINED), ["layer3", "layer4"], [], ["stem", "layer1", "layer2"]]
-    assert all(recalibration_groups(model, plans, e, p) == [] for e in (1, 2, 3, 4) for p in ("train", "frozen"))
+        list(PRETRAINED),
+        ["layer3", "layer4"],
+        [],
+        ["stem", "layer1", "layer2"],
+    ]
+    assert all(
+        recalibration_groups(model, plans, e, p) == [] for e in (1, 2, 3, 4) for p in ("train", "frozen")
+    )
     # per stage: only stage 3 recalibrates, whatever the run's policy
     mixed = Schedule([*reference_schedule().stages[:2], Stage("3 all", 1, "all", 1e-5, bn="recalibrate")])
     plans = mixed.plan_for(model)
     assert [recalibration_groups(model, plans, e, "train") for e in (1, 2, 3, 4)] == [
-        [], [], [], ["stem", "layer1", "layer2"]]
+        [],
+        [],
+        [],
+        ["stem", "layer1", "layer2"],
+    ]
 
 
 # ------------------------------------------------------------------------------ "train": today's behaviour
@@ -144,8 +177,9 @@ def test_frozen_keeps_pretrained_statistics_while_their_affine_parameters_train(
     for group in PRETRAINED:
         stats = [n for n in start[group] if is_stat(n)]
         assert stats, group
-        assert differing({n: start[group][n] for n in stats}, {n: end[group][n] for n in stats}) == [], \
+        assert differing({n: start[group][n] for n in stats}, {n: end[group][n] for n in stats}) == [], (
             f"{group}'s running statistics moved under 'frozen'"
+        )
     # the affine parameters changed in the stages that trained them: layer3/4 in stage 2, the rest in stage 3
     plans = reference_schedule().plan_for(model)
     for plan, before, after in zip(plans, snaps, snaps[1:]):
@@ -153,7 +187,9 @@ def test_frozen_keeps_pretrained_statistics_while_their_affine_parameters_train(
             affine = [n for n in before[group] if bn_affine(n, model)]
             moved = differing({n: before[group][n] for n in affine}, {n: after[group][n] for n in affine})
             if group in plan.trainable:
-                assert len(moved) == len(affine), f"epoch {plan.epoch}: {group}'s BN weight/bias did not all train"
+                assert len(moved) == len(affine), (
+                    f"epoch {plan.epoch}: {group}'s BN weight/bias did not all train"
+                )
             else:
                 assert moved == [], f"epoch {plan.epoch}: frozen {group}'s BN weight/bias moved"
     # the new groups' BatchNorm (CBAM's spatial gate) still trains and updates its statistics
@@ -163,12 +199,15 @@ def test_frozen_keeps_pretrained_statistics_while_their_affine_parameters_train(
 
 def test_frozen_per_stage_only_in_the_last_stage(resnet18_state_file):
     stages = reference_schedule().stages
-    schedule = Schedule([*stages[:2], Stage(stages[2].name, stages[2].epochs, stages[2].trainable, stages[2].lr,
-                                            bn="frozen")])
+    schedule = Schedule(
+        [*stages[:2], Stage(stages[2].name, stages[2].epochs, stages[2].trainable, stages[2].lr, bn="frozen")]
+    )
     snaps = []
     run(resnet18_state_file, schedule=schedule, record=snaps)
     stats = lambda snap, g: {n: t for n, t in snap[g].items() if is_stat(n)}  # noqa: E731
-    assert differing(stats(snaps[1], "layer3"), stats(snaps[3], "layer3")) != [], "stage 2 ('train') updates layer3"
+    assert differing(stats(snaps[1], "layer3"), stats(snaps[3], "layer3")) != [], (
+        "stage 2 ('train') updates layer3"
+    )
     for group in PRETRAINED:  # stage 3 ('frozen'): no pretrained statistic moves
         assert differing(stats(snaps[3], group), stats(snaps[4], group)) == [], group
 
@@ -178,14 +217,20 @@ def hand_statistics(model, groups, batches):
     """Per BatchNorm of ``groups``: the mean over the batches of each batch's mean and unbiased variance of the
     layer's input, with those layers normalising by batch statistics and everything else in eval mode."""
     probe = copy.deepcopy(model).eval()
-    names = [n for n, m in probe.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and expected_group(n) in groups]
+    names = [
+        n
+        for n, m in probe.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d) and expected_group(n) in groups
+    ]
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = []
     for name in names:
         bn = probe.get_submodule(name)
         bn.train()
         bn.momentum = 0.0  # batch statistics in the forward pass, running ones left alone
-        hooks.append(bn.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach())))
+        hooks.append(
+            bn.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
+        )
     with torch.no_grad():
         for images, _ in batches:
             probe(images)
@@ -204,6 +249,7 @@ def test_recalibrate_bn_gives_the_hand_computed_statistics_and_changes_nothing_e
     train_loader, _ = reference_loaders()
     images, labels = random_images(96, seed=3)
     from course_utils.data import TensorLoader
+
     loader = TensorLoader(images, labels, 16, train=True, device="cpu", seed=5)  # 6 batches per epoch
     loader.set_epoch(7)
     expected_batches = list(iter(loader))[:4]
@@ -260,18 +306,31 @@ def test_recalibrate_in_fit_before_the_first_step(resnet18_state_file, monkeypat
         return info
 
     monkeypatch.setattr(train, "recalibrate_bn", recording)
-    history = fit(model, reference_schedule(), train_loader, val_loader, progress=False, device="cpu",
-                  bn_policy="recalibrate", bn_batches=1,
-                  on_epoch_end=lambda history: starts.__setitem__(len(history) + 1, state_of(model)))
+    history = fit(
+        model,
+        reference_schedule(),
+        train_loader,
+        val_loader,
+        progress=False,
+        device="cpu",
+        bn_policy="recalibrate",
+        bn_batches=1,
+        on_epoch_end=lambda history: starts.__setitem__(len(history) + 1, state_of(model)),
+    )
     recs = history.meta["bn_recalibrations"]
     assert [(r["epoch"], r["groups"], r["batches"]) for r in recs] == [
-        (1, list(PRETRAINED), 1), (2, ["layer3", "layer4"], 1), (4, ["stem", "layer1", "layer2"], 1)]
+        (1, list(PRETRAINED), 1),
+        (2, ["layer3", "layer4"], 1),
+        (4, ["stem", "layer1", "layer2"], 1),
+    ]
     assert sorted(after_recalibration) == [1, 2, 4] and all(r["seconds"] > 0 for r in recs)
     for epoch, (groups, after) in after_recalibration.items():
         before = starts[epoch]
         target = {n for n in before if expected_group(n) in groups and is_stat(n)}
         changed = set(differing(before, after))
-        assert changed <= target, f"epoch {epoch}: changed beyond {groups}' statistics: {sorted(changed - target)[:5]}"
+        assert changed <= target, (
+            f"epoch {epoch}: changed beyond {groups}' statistics: {sorted(changed - target)[:5]}"
+        )
         assert {n for n in target if n.endswith(("running_mean", "running_var"))} <= changed
         # by hand, from the model as it was at the stage's start and the loader's first batch of that epoch
         probe = reference_model(resnet18_state_file)
@@ -287,13 +346,23 @@ def test_recalibrate_in_fit_before_the_first_step(resnet18_state_file, monkeypat
 
 def test_recalibration_does_not_change_the_training_order(runs, resnet18_state_file):
     """The batches every training forward pass sees are the same with and without recalibration."""
+
     def seen(policy):
         model = reference_model(resnet18_state_file)
         inputs = []
-        model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone())
-                                        if torch.is_grad_enabled() else None)
+        model.register_forward_pre_hook(
+            lambda m, args: inputs.append(args[0].detach().clone()) if torch.is_grad_enabled() else None
+        )
         train_loader, val_loader = reference_loaders()
-        fit(model, reference_schedule(), train_loader, val_loader, progress=False, device="cpu", bn_policy=policy)
+        fit(
+            model,
+            reference_schedule(),
+            train_loader,
+            val_loader,
+            progress=False,
+            device="cpu",
+            bn_policy=policy,
+        )
         return inputs
 
     plain, recal = seen("train"), seen("recalibrate")
@@ -318,7 +387,9 @@ def test_resume_mid_schedule_equals_uninterrupted(runs, resnet18_state_file, tmp
     torch.manual_seed(123)  # resume restores the RNG state from the checkpoint
     model, history = run(resnet18_state_file, policy, checkpoint=ckpt, resume=True)
     want_model, want_history, _ = runs[policy]
-    assert differing(state_of(model), state_of(want_model)) == [], "resumed run differs from the uninterrupted one"
+    assert differing(state_of(model), state_of(want_model)) == [], (
+        "resumed run differs from the uninterrupted one"
+    )
     assert comparable(history) == comparable(want_history)
     assert recalibrations(history) == recalibrations(want_history)
     assert history.meta["bn_policy"] == policy
@@ -345,8 +416,12 @@ def test_plot_history_marks_each_recalibration(runs):
     for ax in fig.axes:
         dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
         assert sorted(line.get_xdata()[0] for line in dashed) == [0.5, 1.5, 3.5]
-    assert not [line for ax in plots.plot_history(runs["train"][1]).axes for line in ax.lines
-                if line.get_linestyle() == "--"]
+    assert not [
+        line
+        for ax in plots.plot_history(runs["train"][1]).axes
+        for line in ax.lines
+        if line.get_linestyle() == "--"
+    ]
     fig = plots.plot_runs({p: runs[p][1] for p in BN_POLICIES})
     assert len(fig.axes) == 2 and len(fig.axes[0].get_legend().get_texts()) == 3
 
@@ -354,9 +429,13 @@ def test_plot_history_marks_each_recalibration(runs):
 def test_run_cached_file_name_depends_on_the_policy(tmp_path):
     schedule, config = reference_schedule(), {"seed": 0}
     plain = experiments.run_path("d", schedule, tmp_path, experiments._with_fit_options(config, {}))
-    assert plain == experiments.run_path("d", schedule, tmp_path, config), "runs without a policy keep their file"
-    names = {experiments.run_path("d", schedule, tmp_path, experiments._with_fit_options(config, {"bn_policy": p}))
-             for p in BN_POLICIES}
+    assert plain == experiments.run_path("d", schedule, tmp_path, config), (
+        "runs without a policy keep their file"
+    )
+    names = {
+        experiments.run_path("d", schedule, tmp_path, experiments._with_fit_options(config, {"bn_policy": p}))
+        for p in BN_POLICIES
+    }
     assert len(names) == 3 and plain not in names
 
 
@@ -372,8 +451,9 @@ def test_boundary_jumps_read_the_history(runs):
 def test_with_bn_sets_every_stage():
     schedule = finetune.with_bn(reference_schedule(), "frozen")
     assert [s.bn for s in schedule.stages] == ["frozen"] * 3
-    assert [(s.name, s.epochs, s.trainable, s.lr) for s in schedule.stages] == \
-        [(s.name, s.epochs, s.trainable, s.lr) for s in reference_schedule().stages]
+    assert [(s.name, s.epochs, s.trainable, s.lr) for s in schedule.stages] == [
+        (s.name, s.epochs, s.trainable, s.lr) for s in reference_schedule().stages
+    ]
     with pytest.raises(ValueError, match="bn_policy must be one of"):
         finetune.with_bn(reference_schedule(), "off")
 
@@ -382,9 +462,10 @@ def test_bn_statistics_and_switch_effect_measure_without_changing_the_model(resn
     model = reference_model(resnet18_state_file).train()
     images = random_images(32, seed=4)[0].float().div(255).sub(0.5)
     before = state_of(model)
-    rows = finetune.bn_statistics(model, images, ["layer3"])
-    assert [r["layer"] for r in rows] == [n for n, m in model.named_modules()
-                                          if isinstance(m, torch.nn.BatchNorm2d) and n.startswith("layer3")]
+    rows = batchnorm.bn_statistics(model, images, ["layer3"])
+    assert [r["layer"] for r in rows] == [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and n.startswith("layer3")
+    ]
     assert model.training, "bn_statistics must leave the model's mode as it was"
     first = model.get_submodule(rows[0]["layer"])
     x = {}
@@ -396,7 +477,11 @@ def test_bn_statistics_and_switch_effect_measure_without_changing_the_model(resn
     model.train()
     assert rows[0]["stored var"] == pytest.approx(first.running_var.mean().item())
     assert rows[0]["batch var"] == pytest.approx(x["in"].var(dim=(0, 2, 3)).mean().item(), rel=1e-5)
-    assert rows[0]["var ratio"] == pytest.approx((x["in"].var(dim=(0, 2, 3)) / first.running_var).mean().item(), rel=1e-5)
-    effect = finetune.bn_switch_effect(model, images)
-    assert effect > 0 and finetune.bn_switch_effect(model, images, groups=["head"]) == 0.0  # the head has no BN
+    assert rows[0]["var ratio"] == pytest.approx(
+        (x["in"].var(dim=(0, 2, 3)) / first.running_var).mean().item(), rel=1e-5
+    )
+    effect = batchnorm.bn_switch_effect(model, images)
+    assert (
+        effect > 0 and batchnorm.bn_switch_effect(model, images, groups=["head"]) == 0.0
+    )  # the head has no BN
     assert differing(before, state_of(model)) == [] and model.training

@@ -1,9 +1,10 @@
-"""The executed course as a static HTML book (course_utils.book), checked in headless Chromium.
+"""The executed course as a static HTML book (course_utils.machinery.book), checked in headless Chromium.
 
 The book is rendered from the smoke run that tests/test_notebooks.py also checks (the session fixture
 ``smoke_notebooks`` executes each notebook once). Without network access, as a student's offline copy
 would be: every request that is not a ``file:`` URL is aborted. Screenshots go to ``test-artifacts/``.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pytest
-
-from course_utils import book
 from test_browser import ARTIFACTS, CHROMIUM_FLAGS, chromium  # noqa: F401  (the chromium fixture)
 from test_notebooks import NOTEBOOKS
+
+from course_utils.machinery import book
 
 CJK_SAMPLE = "学习"  # glyphs any CJK font has
 MISSING_GLYPHS = "\ue000"  # private use area: no font draws it (a tofu box)
@@ -67,7 +68,9 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
         summary = book.lesson_summary(nb, path)
         assert summary["preset"] == "smoke" and not summary["failed"]
         first_goal = re.sub(r"[*`]", "", summary["goals"]).splitlines()[0]
-        assert "学习目标" in "".join(nb["cells"][0]["source"]) and first_goal[3:12] in re.sub(r"<[^>]+>", "", index)
+        assert "学习目标" in "".join(nb["cells"][0]["source"]) and first_goal[3:12] in re.sub(
+            r"<[^>]+>", "", index
+        )
         assert book.format_seconds(nb["metadata"]["papermill"]["duration"]) in index
         text = page.read_text(encoding="utf-8")
         code_cells = sum(1 for c in nb["cells"] if c["cell_type"] == "code")
@@ -77,11 +80,13 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
         assert text.count("border:2px solid #c00") == outputs(nb, is_banner), page.name
         assert 'href="index.html"' in text
         prev_next = re.findall(r'class="book-(prev|next)" href="([^"]+)"', text)
-        one_nav = ([("prev", pages[i - 1].name)] if i > 0 else []) + \
-            ([("next", pages[i + 1].name)] if i + 1 < len(pages) else [])
+        one_nav = ([("prev", pages[i - 1].name)] if i > 0 else []) + (
+            [("next", pages[i + 1].name)] if i + 1 < len(pages) else []
+        )
         assert prev_next == 2 * one_nav, page.name  # the bar above the lesson and the one below
-    assert sum(outputs(json.loads(p.read_text(encoding="utf-8")), is_banner) for p in executed) > 0, \
+    assert sum(outputs(json.loads(p.read_text(encoding="utf-8")), is_banner) for p in executed) > 0, (
         "the smoke run shows no banner: the banner check above tested nothing"
+    )
 
 
 def local_file(url: str) -> Path | None:
@@ -100,11 +105,17 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
     pages = [index] + [smoke_book["out"] / (p.stem + ".html") for p in smoke_book["executed"]]
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1200, "height": 1400})
+            str(tmp_path / "chromium-profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1200, "height": 1400},
+        )
         # offline, like a student's copy: only file: URLs load (the widget/require.js CDN scripts fail)
-        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
-                      else route.abort())
+        context.route(
+            "**/*",
+            lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort(),
+        )
         page = context.pages[0] if context.pages else context.new_page()
         page.set_default_timeout(60_000)
         cdp = context.new_cdp_session(page)
@@ -115,7 +126,9 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
                 images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
                 if target != index:
                     assert images, f"{target.name} shows no figure"
-                assert all(done and width > 0 for done, width in images), f"{target.name}: a figure did not load {images}"
+                assert all(done and width > 0 for done, width in images), (
+                    f"{target.name}: a figure did not load {images}"
+                )
                 # every link inside the book resolves to a page that exists (and to an element, for #anchors)
                 hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
                 for href in hrefs:
@@ -125,7 +138,9 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
                     assert file.is_file(), f"{target.name} links to {href}, which does not exist"
                     fragment = urlparse(href).fragment
                     if fragment and file == target:
-                        assert page.locator(f"[id={json.dumps(fragment)}]").count(), f"{target.name}: no #{fragment}"
+                        assert page.locator(f"[id={json.dumps(fragment)}]").count(), (
+                            f"{target.name}: no #{fragment}"
+                        )
                 assert "index.html" in " ".join(hrefs) or target == index
                 assert_cjk_renders(page, cdp, target.name)
                 if target == index:
@@ -167,11 +182,16 @@ def assert_cjk_renders(page, cdp, name: str) -> None:
     heading.evaluate("e => e.setAttribute('data-book-probe', '1')")
     node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "[data-book-probe]"})["nodeId"]
     fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
-    cjk = [f["familyName"] for f in fonts if re.search(r"CJK|Han|PingFang|YaHei|Hiragino|Heiti|WenQuanYi", f["familyName"], re.I)]
+    cjk = [
+        f["familyName"]
+        for f in fonts
+        if re.search(r"CJK|Han|PingFang|YaHei|Hiragino|Heiti|WenQuanYi", f["familyName"], re.I)
+    ]
     assert cjk, f"{name}: the Chinese heading is drawn with {fonts}, no CJK font (tofu boxes?)"
     # tofu boxes all look alike: two different Chinese characters drawn in the heading's font must give
     # different pixels, and neither may look like a character no font has
-    same = heading.evaluate("""(e, chars) => {
+    same = heading.evaluate(
+        """(e, chars) => {
         const family = getComputedStyle(e).fontFamily;
         const draw = (ch) => {
             const canvas = document.createElement('canvas');
@@ -183,6 +203,9 @@ def assert_cjk_renders(page, cdp, name: str) -> None:
         };
         const [a, b, missing] = chars.map(draw);
         return {a_b: a === b, a_missing: a === missing, b_missing: b === missing, family};
-    }""", [CJK_SAMPLE[0], CJK_SAMPLE[1], MISSING_GLYPHS[0]])
-    assert not (same["a_b"] or same["a_missing"] or same["b_missing"]), \
+    }""",
+        [CJK_SAMPLE[0], CJK_SAMPLE[1], MISSING_GLYPHS[0]],
+    )
+    assert not (same["a_b"] or same["a_missing"] or same["b_missing"]), (
         f"{name}: Chinese characters are drawn as identical boxes in {same['family']} (tofu): {same}"
+    )

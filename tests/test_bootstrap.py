@@ -1,4 +1,5 @@
 """``python -m course_utils``: the stdlib bootstrap's decisions and the exact commands, without making a venv."""
+
 from __future__ import annotations
 
 import ast
@@ -9,8 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from course_utils import __main__ as cli
-from course_utils import bootstrap
+from course_utils.machinery import bootstrap, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
@@ -43,13 +43,17 @@ def test_a_bare_python_runs_doctor_and_help(tmp_path):
 
     venv.create(tmp_path / "bare", with_pip=False)
     bare = [str(bootstrap.venv_python(tmp_path / "bare")), "-E", "-m", "course_utils"]
-    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_ENV", "COURSE_BOOTSTRAPPED", "PYTHONPATH")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("COURSE_ENV", "COURSE_BOOTSTRAPPED", "PYTHONPATH")
+    }
     help_run = subprocess.run(bare + ["test", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert help_run.returncode == 0, help_run.stderr
     assert "--here" in help_run.stdout
     unknown = subprocess.run(bare + ["brew"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
-    doctor = subprocess.run(bare + ["doctor", "--here"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    doctor = subprocess.run(
+        bare + ["doctor", "--here"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+    )
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
     assert "torch, torchvision" in doctor.stdout and "python -m course_utils lab" in doctor.stdout
     assert str(tmp_path / "bare") in doctor.stdout, "doctor --here checks the Python it was started with"
@@ -65,9 +69,20 @@ def test_venv_python_per_os(monkeypatch):
     assert bootstrap.venv_python(venv).parts[-2:] == ("bin", "python")
 
 
-@pytest.mark.parametrize("version, ok", [("2.14.1", True), ("2.14.1+cu130", True), ("2.11.0", True),
-                                         ("2.4.0", True), ("2.3.1", False), ("1.13.1", False), ("3.0.0", False),
-                                         ("2.5.0a0+git1234", True), (None, False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.14.1", True),
+        ("2.14.1+cu130", True),
+        ("2.11.0", True),
+        ("2.4.0", True),
+        ("2.3.1", False),
+        ("1.13.1", False),
+        ("3.0.0", False),
+        ("2.5.0a0+git1234", True),
+        (None, False),
+    ],
+)
 def test_torch_supported(version, ok):
     assert bootstrap.torch_supported(version) is ok
 
@@ -91,9 +106,17 @@ def make_root(tmp_path, venv: bool, ready: bool) -> Path:
 
 
 def plan(root, command="test", here=False, env=None, missing=(), torch="2.14.1", prefix="/usr"):
-    return bootstrap.plan(command, here=here, root=root, env=env or {}, executable="/usr/bin/python3",
-                          prefix=prefix, windows=False, find=fake_find(missing),
-                          version=lambda name: torch if name == "torch" else "1.0")
+    return bootstrap.plan(
+        command,
+        here=here,
+        root=root,
+        env=env or {},
+        executable="/usr/bin/python3",
+        prefix=prefix,
+        windows=False,
+        find=fake_find(missing),
+        version=lambda name: torch if name == "torch" else "1.0",
+    )
 
 
 def test_bare_python_creates_the_venv_installs_with_constraints_and_reruns_inside(tmp_path):
@@ -150,8 +173,13 @@ def test_course_env_venv_forces_the_venv(tmp_path):
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_here_installs_only_what_is_missing_without_constraints(tmp_path, how):
     root = make_root(tmp_path, venv=False, ready=False)
-    p = plan(root, here=how == "flag", env={"COURSE_ENV": "here"} if how == "env" else {},
-             missing=("nbval", "papermill"), torch="2.6.0")
+    p = plan(
+        root,
+        here=how == "flag",
+        env={"COURSE_ENV": "here"} if how == "env" else {},
+        missing=("nbval", "papermill"),
+        torch="2.6.0",
+    )
     assert not p.reexec
     ((what, argv),) = p.steps
     assert argv == ["/usr/bin/python3", "-m", "pip", "install", "-e", ".[course]", "torch==2.6.0"]
@@ -161,7 +189,9 @@ def test_here_installs_only_what_is_missing_without_constraints(tmp_path, how):
 def test_here_without_a_suitable_torch_lets_pip_choose_one(tmp_path):
     root = make_root(tmp_path, venv=False, ready=False)
     for torch in (None, "2.1.0"):
-        ((_, argv),) = plan(root, here=True, missing=("torch",) if torch is None else ("nbval",), torch=torch).steps
+        ((_, argv),) = plan(
+            root, here=True, missing=("torch",) if torch is None else ("nbval",), torch=torch
+        ).steps
         assert argv[-2:] == ["-e", ".[course]"]
 
 
@@ -203,7 +233,12 @@ def test_run_executes_the_steps_and_reruns_with_the_same_arguments(tmp_path, mon
     monkeypatch.setattr(bootstrap, "missing_modules", lambda command, find=None: ["torch"])
     code = bootstrap.run("test", ["test", "-x"], root=root)
     assert code == 3, "the command's exit status is passed through"
-    assert [c[0][1:3] for c in calls] == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"], ["-m", "course_utils"]]
+    assert [c[0][1:3] for c in calls] == [
+        ["-m", "venv"],
+        ["-m", "pip"],
+        ["-m", "pip"],
+        ["-m", "course_utils"],
+    ]
     assert calls[-1][0][3:] == ["test", "-x"] and calls[-1][2] == "1"
     assert all(c[1] == root for c in calls)
     assert (root / ".venv" / bootstrap.READY_STAMP).read_text().strip() == bootstrap.stamp_of(root)
@@ -211,8 +246,11 @@ def test_run_executes_the_steps_and_reruns_with_the_same_arguments(tmp_path, mon
 
 def test_a_failed_install_stops_and_writes_no_stamp(tmp_path, monkeypatch, capsys):
     root = make_root(tmp_path, venv=True, ready=False)
-    monkeypatch.setattr(bootstrap.subprocess, "run", lambda argv, cwd=None, env=None:
-                        subprocess.CompletedProcess(argv, 1 if "-c" in argv else 0))
+    monkeypatch.setattr(
+        bootstrap.subprocess,
+        "run",
+        lambda argv, cwd=None, env=None: subprocess.CompletedProcess(argv, 1 if "-c" in argv else 0),
+    )
     monkeypatch.setattr(bootstrap, "missing_modules", lambda command, find=None: ["torch"])
     assert bootstrap.run("course", ["course"], root=root) == 1
     assert not (root / ".venv" / bootstrap.READY_STAMP).exists()
@@ -222,11 +260,23 @@ def test_a_failed_install_stops_and_writes_no_stamp(tmp_path, monkeypatch, capsy
 # ------------------------------------------------------------------------------ the commands
 def test_test_command_is_the_readmes():
     assert cli.test_command("py", ["-x"]) == [
-        "py", "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
-        "--ignore-glob=tests/*.ipynb", "tests", "notebooks", "-x"]
+        "py",
+        "-m",
+        "pytest",
+        "--nbval",
+        "--nbval-current-env",
+        "--nbval-sanitize-with",
+        "tests/nbval_sanitize.cfg",
+        "--ignore-glob=tests/*.ipynb",
+        "tests",
+        "notebooks",
+        "-x",
+    ]
     readme = (ROOT / "README.md").read_text()
-    assert ("--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --ignore-glob='tests/*.ipynb' "
-            "tests notebooks") in " ".join(readme.replace("\\\n", " ").split())
+    assert (
+        "--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --ignore-glob='tests/*.ipynb' "
+        "tests notebooks"
+    ) in " ".join(readme.replace("\\\n", " ").split())
 
 
 def test_test_passes_pytests_options_and_exit_status_through(monkeypatch):
@@ -246,23 +296,37 @@ def test_test_passes_pytests_options_and_exit_status_through(monkeypatch):
 
 def test_course_runs_each_notebook_with_the_preset(monkeypatch, tmp_path, capsys):
     runs = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda argv, cwd=None, env=None:
-                        runs.append((argv, env["COURSE_PRESET"])) or subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(
+        cli.subprocess,
+        "run",
+        lambda argv, cwd=None, env=None: (
+            runs.append((argv, env["COURSE_PRESET"])) or subprocess.CompletedProcess(argv, 0)
+        ),
+    )
     monkeypatch.setattr(cli.bootstrap, "run", lambda *a, **k: None)
     out = tmp_path / "out dir"
     assert cli.main(["course", "--preset", "smoke", "--out", str(out), "04", "01"]) == 0
-    assert [Path(a[-2]).name for a, _ in runs] == ["04_three_stage_finetuning.ipynb", "01_resnet18_structure.ipynb"]
+    assert [Path(a[-2]).name for a, _ in runs] == [
+        "04_three_stage_finetuning.ipynb",
+        "01_resnet18_structure.ipynb",
+    ]
     assert all(p == "smoke" for _, p in runs)
     argv = runs[0][0]
     assert argv[1:3] == ["-m", "papermill"] and argv[-1] == str(out / "04_three_stage_finetuning.ipynb")
     printed = capsys.readouterr().out
-    assert "== notebooks/04_three_stage_finetuning.ipynb (COURSE_PRESET=smoke)" in printed and " s -> " in printed
+    assert (
+        "== notebooks/04_three_stage_finetuning.ipynb (COURSE_PRESET=smoke)" in printed
+        and " s -> " in printed
+    )
 
 
 def test_course_stops_at_the_first_failing_notebook(monkeypatch, tmp_path):
     runs = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda argv, cwd=None, env=None:
-                        runs.append(argv) or subprocess.CompletedProcess(argv, 1))
+    monkeypatch.setattr(
+        cli.subprocess,
+        "run",
+        lambda argv, cwd=None, env=None: runs.append(argv) or subprocess.CompletedProcess(argv, 1),
+    )
     monkeypatch.setattr(cli.bootstrap, "run", lambda *a, **k: None)
     assert cli.main(["course", "--preset", "smoke", "--out", str(tmp_path)]) == 1
     assert len(runs) == 1
@@ -277,18 +341,23 @@ def test_unknown_notebook_is_named(monkeypatch):
 def test_lab_and_book(monkeypatch, capsys):
     monkeypatch.setattr(cli.bootstrap, "run", lambda *a, **k: None)
     seen = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda argv, cwd=None, env=None:
-                        seen.append(argv) or subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(
+        cli.subprocess,
+        "run",
+        lambda argv, cwd=None, env=None: seen.append(argv) or subprocess.CompletedProcess(argv, 0),
+    )
     assert cli.main(["lab", "--port", "8899"]) == 0
     assert seen[0][1:] == ["-m", "jupyterlab", str(cli.ROOT / "notebooks"), "--port", "8899"]
-    if not (cli.ROOT / "course_utils" / "book.py").exists():
-        monkeypatch.setattr(cli.bootstrap, "run", lambda *a, **k: pytest.fail("must not set up an env for nothing"))
+    if not (cli.ROOT / "course_utils" / "machinery" / "book.py").exists():
+        monkeypatch.setattr(
+            cli.bootstrap, "run", lambda *a, **k: pytest.fail("must not set up an env for nothing")
+        )
         assert cli.main(["book", "--here"]) == 2
-        assert "course_utils/book.py" in capsys.readouterr().err
+        assert "course_utils/machinery/book.py" in capsys.readouterr().err
 
 
 def test_bench_options_reach_benchs_own_parser(monkeypatch):
-    from course_utils import bench
+    from course_utils.machinery import bench
 
     monkeypatch.setattr(cli.bootstrap, "run", lambda *a, **k: None)
     got = {}
@@ -297,9 +366,15 @@ def test_bench_options_reach_benchs_own_parser(monkeypatch):
     assert got["repeats"] == 1 and got["workers"] == 0
 
 
-@pytest.mark.parametrize("torch, index", [("2.13.0+cpu", "https://download.pytorch.org/whl/cpu"),
-                                          ("2.11.0+cu126", "https://download.pytorch.org/whl/cu126"),
-                                          ("2.14.1", None), ("2.5.0+git1234", None)])
+@pytest.mark.parametrize(
+    "torch, index",
+    [
+        ("2.13.0+cpu", "https://download.pytorch.org/whl/cpu"),
+        ("2.11.0+cu126", "https://download.pytorch.org/whl/cu126"),
+        ("2.14.1", None),
+        ("2.5.0+git1234", None),
+    ],
+)
 def test_here_gets_torchvision_from_the_index_its_torch_came_from(tmp_path, torch, index):
     root = make_root(tmp_path, venv=False, ready=False)
     ((_, argv),) = plan(root, here=True, missing=("torchvision",), torch=torch).steps

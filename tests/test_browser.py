@@ -12,6 +12,7 @@ to ``test-artifacts/``; JupyterLab (and its kernel) is stopped even when the tes
 Needs Debian's Chromium (``apt-get install chromium``) and Playwright's Python package — never
 Playwright's own browser download. Without Chromium the test is skipped with that reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,23 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "04_three_stage_finetuning.ipynb"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 EPOCHS = (2, 3, 3)  # stage 1 = 1-2, stage 2 = 3-5, stage 3 = 6-8
 FINDER_STEPS = 20  # the "find LR" click's sweep
 
 
 def chromium_path() -> str | None:
-    return shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+    return shutil.which("chromium") or (
+        "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+    )
 
 
 def free_port() -> int:
@@ -56,12 +66,23 @@ def panel_notebook(path: Path) -> None:
     cells = nb["cells"]
     last = next(i for i, c in enumerate(cells) if "schedule-panel" in c.get("metadata", {}).get("tags", []))
     params = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-    injected = {"id": "injected-parameters", "cell_type": "code", "execution_count": None,
-                "metadata": {"tags": ["injected-parameters"]},
-                "outputs": [], "source": f'PRESET = "smoke"\nEPOCHS = {EPOCHS}\n'}
-    finder = {"id": "injected-finder", "cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-              "source": f"panel.finder_kwargs = {{'num_steps': {FINDER_STEPS}}}  # a short sweep for the test\n"}
-    cells = cells[:params + 1] + [injected] + cells[params + 1:last + 1] + [finder]
+    injected = {
+        "id": "injected-parameters",
+        "cell_type": "code",
+        "execution_count": None,
+        "metadata": {"tags": ["injected-parameters"]},
+        "outputs": [],
+        "source": f'PRESET = "smoke"\nEPOCHS = {EPOCHS}\n',
+    }
+    finder = {
+        "id": "injected-finder",
+        "cell_type": "code",
+        "execution_count": None,
+        "metadata": {},
+        "outputs": [],
+        "source": f"panel.finder_kwargs = {{'num_steps': {FINDER_STEPS}}}  # a short sweep for the test\n",
+    }
+    cells = cells[: params + 1] + [injected] + cells[params + 1 : last + 1] + [finder]
     for c in cells:
         if c["cell_type"] == "code":
             c["outputs"], c["execution_count"] = [], None
@@ -100,8 +121,10 @@ def chromium():
     path = chromium_path()
     if path is None:
         pytest.skip("Debian's Chromium is not installed: apt-get install chromium")
-    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright "
-                                                      "(its own browser download is not needed)")
+    pytest.importorskip(
+        "playwright.sync_api",
+        reason="Playwright is not installed: pip install playwright (its own browser download is not needed)",
+    )
     return path
 
 
@@ -116,30 +139,52 @@ def jupyterlab(chromium, tmp_path):
     settings = home / "settings"
     # Start the notebook's kernel without asking, keep every cell in the DOM (no windowing), and no
     # news/update pop-ups over the notebook.
-    _write_json(settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
-                {"windowingMode": "none", "autoStartDefaultKernel": True})
-    _write_json(settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
-                {"fetchNews": "false", "checkForUpdates": False})
-    env = dict(os.environ, COURSE_PRESET="smoke", JUPYTER_CONFIG_DIR=str(home / "config"),
-               JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
-               JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), IPYTHONDIR=str(home / "ipython"),
-               PYTHONUNBUFFERED="1")
+    _write_json(
+        settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
+        {"windowingMode": "none", "autoStartDefaultKernel": True},
+    )
+    _write_json(
+        settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
+        {"fetchNews": "false", "checkForUpdates": False},
+    )
+    env = dict(
+        os.environ,
+        COURSE_PRESET="smoke",
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        IPYTHONDIR=str(home / "ipython"),
+        PYTHONUNBUFFERED="1",
+    )
     port, token = free_port(), secrets.token_hex(16)
     jupyter = Path(sys.executable).with_name("jupyter")
-    cmd = [str(jupyter), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    cmd = [
+        str(jupyter),
+        "lab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "browser_jupyterlab.log", "w")
-    server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with {server.returncode}; see {ARTIFACTS / 'browser_jupyterlab.log'}")
+                raise RuntimeError(
+                    f"JupyterLab exited with {server.returncode}; see {ARTIFACTS / 'browser_jupyterlab.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
                     if r.status == 200:
@@ -181,8 +226,12 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
 
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1600})
+            str(tmp_path / "chromium-profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1600},
+        )
         page = context.pages[0] if context.pages else context.new_page()
         page.set_default_timeout(60_000)
 
@@ -228,7 +277,9 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
             expect(page.locator(".schedule-lr-curve")).to_be_visible()
             suggestion = re.search(r"suggestion (\S+) \(valley", status.inner_text()).group(1)  # Python's .1e
             mantissa, exponent = suggestion.split("e")
-            expect(lr_readout).to_have_text(f"{mantissa}e{int(exponent)}", timeout=30_000)  # the slider's d3 .1e
+            expect(lr_readout).to_have_text(
+                f"{mantissa}e{int(exponent)}", timeout=30_000
+            )  # the slider's d3 .1e
             expect(table).to_contain_text(suggestion, timeout=30_000)  # the preview: the schedule follows
             shot("browser_panel_find_lr.png", panel)
 
@@ -251,10 +302,12 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
             shot("browser_panel.png", panel)
             shot("browser_page.png")
             assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
-            print(f"\nmoved the stage-1 end 2→3: preview table {before!r} → {moved!r}\n"
-                  f"find LR (stage 1): slider {lr_before} → {suggestion}\n"
-                  f"moved it 3→6: message {error.inner_text()!r}, table kept {kept!r}\n"
-                  f"screenshots: {', '.join(str(s) for s in shots)}")
+            print(
+                f"\nmoved the stage-1 end 2→3: preview table {before!r} → {moved!r}\n"
+                f"find LR (stage 1): slider {lr_before} → {suggestion}\n"
+                f"moved it 3→6: message {error.inner_text()!r}, table kept {kept!r}\n"
+                f"screenshots: {', '.join(str(s) for s in shots)}"
+            )
         except BaseException:
             try:
                 shot("browser_failure.png")

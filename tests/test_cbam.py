@@ -1,4 +1,5 @@
 """CBAM (course_utils.cbam): shapes, the two gates, the paper and the identity initialisation."""
+
 from __future__ import annotations
 
 import pytest

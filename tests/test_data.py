@@ -1,4 +1,5 @@
 """CIFAR-10 sources and the tensor loaders (course_utils.data)."""
+
 from __future__ import annotations
 
 import io
@@ -11,11 +12,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _helpers import random_images
+
 from course_utils import data as cdata
-from course_utils.data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, DataUnavailableError, TensorLoader,
-                               balanced_subset, crop_flip, load_cifar10)
+from course_utils.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataUnavailableError,
+    TensorLoader,
+    balanced_subset,
+    crop_flip,
+    load_cifar10,
+)
 
 SHIPPED = Path(cdata.__file__).resolve().parents[1] / "data" / cdata.SHIPPED_SUBSET
 
@@ -39,7 +49,9 @@ def write_image_tar(path, splits=(("train", 3), ("val", 2))):
             for cls in cdata.CLASSES:
                 for i in range(n):
                     buf = io.BytesIO()
-                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                        buf, format="JPEG"
+                    )
                     info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
                     info.size = buf.tell()
                     buf.seek(0)
@@ -115,7 +127,9 @@ def test_no_source_at_all_says_what_to_put_where(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError) as info:
         load_cifar10(tmp_path)
     message = str(info.value)
-    assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message and cdata.SHIPPED_SUBSET in message
+    assert (
+        "cifar-10-python.tar.gz" in message and str(tmp_path) in message and cdata.SHIPPED_SUBSET in message
+    )
 
 
 def test_truncated_shipped_subset_names_the_file(tmp_path, monkeypatch):
@@ -164,7 +178,9 @@ def normalized(images_u8, mean=CIFAR_MEAN, std=CIFAR_STD):
 def manual_crop_flip(images, dy, dx, flip, pad):
     padded = F.pad(images, (pad, pad, pad, pad))
     h, w = images.shape[-2:]
-    out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
+    out = torch.stack(
+        [padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))]
+    )
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
@@ -173,7 +189,9 @@ def test_crop_flip_identity_and_mirror():
     pad = 4
     center = torch.full((8,), pad)
     assert torch.equal(crop_flip(images, center, center, torch.zeros(8, dtype=torch.bool), pad), images)
-    assert torch.equal(crop_flip(images, center, center, torch.ones(8, dtype=torch.bool), pad), images.flip(-1))
+    assert torch.equal(
+        crop_flip(images, center, center, torch.ones(8, dtype=torch.bool), pad), images.flip(-1)
+    )
     zero = torch.zeros(8, dtype=torch.long)
     assert torch.equal(crop_flip(images, zero, zero, torch.zeros(8, dtype=torch.bool), 0), images)
 
@@ -186,7 +204,9 @@ def test_crop_flip_matches_pad_and_slice():
     got = crop_flip(images, dy, dx, flip, 4)
     assert got.dtype == torch.uint8 and got.shape == images.shape
     assert torch.equal(got, manual_crop_flip(images, dy, dx, flip, 4))
-    shifted = crop_flip(images, torch.full((16,), 0), torch.full((16,), 4), torch.zeros(16, dtype=torch.bool), 4)
+    shifted = crop_flip(
+        images, torch.full((16,), 0), torch.full((16,), 4), torch.zeros(16, dtype=torch.bool), 4
+    )
     assert (shifted[:, :, :4] == 0).all(), "the crop pads with zeros"
 
 
@@ -246,8 +266,12 @@ def test_eval_loader_returns_every_image_once_in_order_unaugmented():
     for _ in range(2):  # and the same on every pass
         batches = list(loader)
         assert [len(b[1]) for b in batches] == [32, 32, 6] and len(loader) == 3
-        torch.testing.assert_close(torch.cat([b[0] for b in batches]), normalized(images, IMAGENET_MEAN, IMAGENET_STD),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.cat([b[0] for b in batches]),
+            normalized(images, IMAGENET_MEAN, IMAGENET_STD),
+            rtol=0,
+            atol=1e-5,
+        )
         assert torch.equal(torch.cat([b[1] for b in batches]), labels)
 
 
@@ -266,8 +290,14 @@ def test_make_loaders_and_plain_pipeline_agree(cifar_subset):
     train, val = cdata.make_loaders(cifar_subset, 50, pretrained=True, device="cpu")
     assert train.train and not val.train and val.batch_size == 256
     fast = torch.cat([b[0] for b in val])
-    plain = cdata.plain_loader(cifar_subset.val_images, cifar_subset.val_labels, 256, mean=IMAGENET_MEAN,
-                               std=IMAGENET_STD, num_workers=0)
+    plain = cdata.plain_loader(
+        cifar_subset.val_images,
+        cifar_subset.val_labels,
+        256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_workers=0,
+    )
     torch.testing.assert_close(fast, torch.cat([b[0] for b in plain]), rtol=0, atol=1e-5)
     assert cdata.normalization(True) == (IMAGENET_MEAN, IMAGENET_STD)
     assert cdata.normalization(False) == (CIFAR_MEAN, CIFAR_STD)

@@ -1,4 +1,5 @@
 """Device choice (CUDA > MPS > CPU, COURSE_DEVICE), MPS fallbacks, and DataLoader workers on spawn platforms."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -8,7 +9,8 @@ import types
 import pytest
 import torch
 
-from course_utils import data, devices, finetune, train
+from course_utils import data, finetune, train
+from course_utils.machinery import devices
 from course_utils.models import resnet18_cbam
 
 HAS_MPS = devices._mps_available()
@@ -17,21 +19,27 @@ HAS_MPS = devices._mps_available()
 @pytest.fixture
 def machine(monkeypatch):
     """Pretend this torch sees a CUDA GPU and/or an Apple GPU."""
+
     def set_up(cuda=False, mps=False):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU 9000")
         monkeypatch.setattr(devices, "_mps_available", lambda: mps)
+
     return set_up
 
 
-@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (True, False, "cuda"),
-                                                 (False, True, "mps"), (False, False, "cpu")])
+@pytest.mark.parametrize(
+    "cuda, mps, expected",
+    [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
 def test_cuda_then_mps_then_cpu(machine, cuda, mps, expected):
     machine(cuda=cuda, mps=mps)
     device, reason = devices.choose_device({})
     assert device.type == expected
-    assert {"cuda": "Fake GPU 9000", "mps": "Apple GPU (MPS)", "cpu": "no CUDA GPU and no Apple MPS"}[expected] in reason
+    assert {"cuda": "Fake GPU 9000", "mps": "Apple GPU (MPS)", "cpu": "no CUDA GPU and no Apple MPS"}[
+        expected
+    ] in reason
     assert train.default_device().type == expected
 
 
@@ -41,8 +49,15 @@ def test_env_override_wins_and_is_named(machine):
     assert device.type == "cpu" and "COURSE_DEVICE=cpu" in reason
 
 
-@pytest.mark.parametrize("wanted, message", [("mps", "MPS is not available"), ("cuda", "sees no CUDA GPU"),
-                                             ("gpu", "is not a device"), ("meta", "supports cpu, cuda and mps")])
+@pytest.mark.parametrize(
+    "wanted, message",
+    [
+        ("mps", "MPS is not available"),
+        ("cuda", "sees no CUDA GPU"),
+        ("gpu", "is not a device"),
+        ("meta", "supports cpu, cuda and mps"),
+    ],
+)
 def test_an_override_that_cannot_work_is_refused(machine, wanted, message):
     machine(cuda=False, mps=False)
     with pytest.raises(ValueError, match=message):
@@ -58,7 +73,9 @@ def test_train_default_device_reads_the_env(machine, monkeypatch):
 
 def test_tensor_loader_defaults_to_the_chosen_device(machine, monkeypatch):
     machine(cuda=False, mps=True)
-    monkeypatch.setattr(data, "default_device", lambda: torch.device("cpu"))  # we cannot allocate on a fake MPS
+    monkeypatch.setattr(
+        data, "default_device", lambda: torch.device("cpu")
+    )  # we cannot allocate on a fake MPS
     loader = data.TensorLoader(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     assert loader.device.type == "cpu"
 
@@ -83,6 +100,7 @@ def test_fused_adamw_only_where_torch_has_the_kernel(monkeypatch):
 
 class OnADeviceWithoutTheKernel:
     """Stands for an MPS tensor: interpolate fails on it, ``.cpu()`` gives the real data."""
+
     device = torch.device("meta")
 
     def __init__(self, real):
@@ -100,7 +118,9 @@ def test_resize_falls_back_to_the_cpu_where_the_device_lacks_the_kernel(monkeypa
     def interpolate(x, **kw):
         seen.append(type(x).__name__)
         if isinstance(x, OnADeviceWithoutTheKernel):
-            raise NotImplementedError("aten::_upsample_bilinear2d_aa.out is not implemented for the MPS device")
+            raise NotImplementedError(
+                "aten::_upsample_bilinear2d_aa.out is not implemented for the MPS device"
+            )
         return real(x, **kw)
 
     monkeypatch.setattr(data.F, "interpolate", interpolate)
@@ -135,9 +155,13 @@ def test_the_course_path_runs_on_mps():
 
 
 # ------------------------------------------------------------------------------ DataLoader workers
-@pytest.mark.parametrize("method, notebook, expected", [("spawn", True, 0), ("spawn", False, 2),
-                                                        ("fork", True, 2), ("forkserver", True, 2)])
-def test_no_worker_processes_from_a_notebook_where_processes_are_spawned(monkeypatch, method, notebook, expected):
+@pytest.mark.parametrize(
+    "method, notebook, expected",
+    [("spawn", True, 0), ("spawn", False, 2), ("fork", True, 2), ("forkserver", True, 2)],
+)
+def test_no_worker_processes_from_a_notebook_where_processes_are_spawned(
+    monkeypatch, method, notebook, expected
+):
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: method)
     monkeypatch.setattr(data, "in_notebook", lambda: notebook)
     assert data.default_num_workers() == expected
@@ -168,7 +192,11 @@ def test_every_notebook_prints_its_device_right_after_its_imports():
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb")):
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         code = [c for c in cells if c["cell_type"] == "code"]
-        first_import = next(i for i, c in enumerate(code) if "from course_utils import" in "".join(c["source"]))
+        first_import = next(
+            i for i, c in enumerate(code) if "from course_utils import" in "".join(c["source"])
+        )
         device_cell = code[first_import + 1]
         assert "print(devices.describe_device())" in "".join(device_cell["source"]), path.name
-        assert "nbval-ignore-output" in device_cell["metadata"].get("tags", []), f"{path.name}: differs per machine"
+        assert "nbval-ignore-output" in device_cell["metadata"].get("tags", []), (
+            f"{path.name}: differs per machine"
+        )

@@ -1,4 +1,5 @@
 """``python -m course_utils doctor``: each finding from stand-in probes, and the exit status."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import doctor
+from course_utils.machinery import doctor
 
 SMI = """+-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 550.54.14              Driver Version: 550.54.14      CUDA Version: 12.4     |
@@ -28,7 +29,11 @@ class FakeProbes(doctor.Probes):
         self.__dict__.update(overrides)
 
     def module(self, name):
-        return None if name.split(".")[0] in self.hidden_modules or name in self.hidden_modules else super().module(name)
+        return (
+            None
+            if name.split(".")[0] in self.hidden_modules or name in self.hidden_modules
+            else super().module(name)
+        )
 
     def version(self, distribution):
         if distribution in self.versions:
@@ -48,7 +53,9 @@ class FakeProbes(doctor.Probes):
         return self.online
 
     def path_exists(self, path):
-        return Path(path) in self.existing or (Path(path).name == "cifar10_subset.tar.gz" and "no-subset" not in self.env)
+        return Path(path) in self.existing or (
+            Path(path).name == "cifar10_subset.tar.gz" and "no-subset" not in self.env
+        )
 
     def file_size(self, path):
         return 46_830_571
@@ -71,8 +78,11 @@ def by_topic(findings, topic):
 
 
 def test_a_bare_python_gets_one_setup_finding_and_exit_1(tmp_path, monkeypatch, capsys):
-    probes = FakeProbes(tmp_path, hidden_modules={"torch", "torchvision", "jupyterlab", "ipywidgets", "course_utils"},
-                        font=False)
+    probes = FakeProbes(
+        tmp_path,
+        hidden_modules={"torch", "torchvision", "jupyterlab", "ipywidgets", "course_utils"},
+        font=False,
+    )
     findings = doctor.run_checks(probes)
     (packages,) = by_topic(findings, "packages")
     assert packages.level == doctor.FAIL and "torch, torchvision, jupyterlab, ipywidgets" in packages.text
@@ -100,7 +110,9 @@ def test_cpu_only_torch_with_an_nvidia_gpu_gets_the_cuda_install_command(tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (gpu,) = by_topic(doctor.check_device(FakeProbes(tmp_path, smi=SMI)), "gpu")
     assert gpu.level == doctor.WARN and "CPU-only build" in gpu.text and "550.54.14" in gpu.text
-    assert gpu.fix.endswith("torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu124")
+    assert gpu.fix.endswith(
+        "torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu124"
+    )
     assert "-m pip install --force-reinstall" in gpu.fix
 
 
@@ -108,7 +120,9 @@ def test_a_cuda_build_newer_than_the_driver_says_what_to_do(tmp_path, monkeypatc
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (gpu,) = by_topic(doctor.check_device(FakeProbes(tmp_path, smi=SMI)), "gpu")
-    assert "newer than the driver" in gpu.text and "update the NVIDIA driver" in gpu.fix and "cu124" in gpu.fix
+    assert (
+        "newer than the driver" in gpu.text and "update the NVIDIA driver" in gpu.fix and "cu124" in gpu.fix
+    )
 
 
 def test_no_gpu_no_gpu_finding(tmp_path, monkeypatch):
@@ -123,8 +137,10 @@ def test_a_wrong_course_device_blocks(tmp_path, monkeypatch):
     assert device.level == doctor.FAIL and "COURSE_DEVICE" in device.fix
 
 
-@pytest.mark.parametrize("cuda, wheel", [("12.4", "cu124"), ("12.9", "cu129"), ("13.2", "cu130"), ("11.0", "cu118"),
-                                         (None, "cu126")])
+@pytest.mark.parametrize(
+    "cuda, wheel",
+    [("12.4", "cu124"), ("12.9", "cu129"), ("13.2", "cu130"), ("11.0", "cu118"), (None, "cu126")],
+)
 def test_cuda_wheel_for_the_driver(cuda, wheel):
     assert doctor.cuda_wheel_for(cuda) == wheel
 
@@ -137,7 +153,9 @@ def test_old_torch_blocks_with_the_tested_pins(tmp_path):
 
 
 def test_an_older_supported_torch_is_a_note(tmp_path):
-    findings = doctor.check_torch(FakeProbes(tmp_path, versions={"torch": "2.11.0+cu126", "torchvision": "0.26.0"}))
+    findings = doctor.check_torch(
+        FakeProbes(tmp_path, versions={"torch": "2.11.0+cu126", "torchvision": "0.26.0"})
+    )
     assert {f.level for f in findings} == {doctor.NOTE}
     assert "tested: 2.14.1; within the supported range" in findings[0].text
 
@@ -145,7 +163,10 @@ def test_an_older_supported_torch_is_a_note(tmp_path):
 def test_missing_weights_say_where_and_how(tmp_path):
     findings = doctor.check_weights(FakeProbes(tmp_path))
     assert [f.level for f in findings] == [doctor.WARN, doctor.WARN]
-    assert str(tmp_path / "hub" / "checkpoints") in findings[0].fix and "COURSE_WEIGHTS_MIRROR" in findings[0].fix
+    assert (
+        str(tmp_path / "hub" / "checkpoints") in findings[0].fix
+        and "COURSE_WEIGHTS_MIRROR" in findings[0].fix
+    )
     mirrored = doctor.check_weights(FakeProbes(tmp_path, env={"COURSE_WEIGHTS_MIRROR": "/mnt/usb"}))
     assert mirrored[0].level == doctor.NOTE and "/mnt/usb" in mirrored[0].fix
 
@@ -153,9 +174,16 @@ def test_missing_weights_say_where_and_how(tmp_path):
 def test_cifar_full_copy_download_subset_and_nothing(tmp_path):
     full = doctor.ROOT / "data" / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    assert "full local copy" in doctor.check_cifar(FakeProbes(tmp_path, existing={full / n for n in names}))[0].text
+    assert (
+        "full local copy"
+        in doctor.check_cifar(FakeProbes(tmp_path, existing={full / n for n in names}))[0].text
+    )
     offline = doctor.check_cifar(FakeProbes(tmp_path))[0]
-    assert offline.level == doctor.NOTE and "COURSE_OFFLINE" in offline.text and "COURSE_CIFAR10_MIRROR" in offline.fix
+    assert (
+        offline.level == doctor.NOTE
+        and "COURSE_OFFLINE" in offline.text
+        and "COURSE_CIFAR10_MIRROR" in offline.fix
+    )
     blocked = doctor.check_cifar(FakeProbes(tmp_path, env={}, online=False))[0]
     assert blocked.level == doctor.WARN and "shipped subset" in blocked.text
     assert doctor.check_cifar(FakeProbes(tmp_path, env={}, online=True))[0].level == doctor.OK
@@ -199,19 +227,26 @@ def test_tested_versions_come_from_the_constraints_file():
 
 
 def test_a_torchvision_built_for_another_torch_blocks_with_the_matching_index(tmp_path):
-    probes = FakeProbes(tmp_path, versions={"torch": "2.13.0+cpu", "torchvision": "0.28.0"},
-                        broken={"torchvision": "RuntimeError: operator torchvision::nms does not exist"})
+    probes = FakeProbes(
+        tmp_path,
+        versions={"torch": "2.13.0+cpu", "torchvision": "0.28.0"},
+        broken={"torchvision": "RuntimeError: operator torchvision::nms does not exist"},
+    )
     (vision,) = by_topic(doctor.check_torch(probes), "torchvision")
     assert vision.level == doctor.FAIL and "torchvision::nms" in vision.text
     assert vision.fix.endswith("torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu")
 
 
 def test_doctor_says_what_fit_does_with_the_cpu_memory(tmp_path, monkeypatch):
-    from course_utils import devices
+    from course_utils.machinery import devices
 
     monkeypatch.setitem(devices._malloc, "libc", object())  # as on glibc
     (kept,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={})), "memory")
-    assert kept.level == doctor.NOTE and "keeps each training step's memory" in kept.text and "COURSE_MALLOC=default" in kept.text
+    assert (
+        kept.level == doctor.NOTE
+        and "keeps each training step's memory" in kept.text
+        and "COURSE_MALLOC=default" in kept.text
+    )
     (off,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "default"})), "memory")
     assert "leaves glibc's malloc as it is" in off.text
     (wrong,) = by_topic(doctor.check_cpu(FakeProbes(tmp_path, env={"COURSE_MALLOC": "tcmalloc"})), "memory")

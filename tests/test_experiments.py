@@ -1,11 +1,13 @@
 """course_utils.experiments: runs saved once and reloaded, config resolution, comparison tables."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from course_utils import experiments, finetune, models, presets
+from course_utils import experiments, finetune, models
+from course_utils.machinery import presets
 from course_utils.train import History
 
 
@@ -65,7 +67,9 @@ def test_second_call_reloads_without_training(tmp_path, loaders, counted_fit, mo
     assert "trained" in capsys.readouterr().out
 
     forbid_fit(monkeypatch)
-    again = experiments.run_cached("b: cbam one lr", build, one, loaders, tmp_path, dict(CONFIG), progress=False)
+    again = experiments.run_cached(
+        "b: cbam one lr", build, one, loaders, tmp_path, dict(CONFIG), progress=False
+    )
     assert "loaded" in capsys.readouterr().out
     assert again.rows == first.rows and again.meta == json.loads(json.dumps(first.meta))
 
@@ -74,8 +78,9 @@ def test_changed_config_or_schedule_retrains(tmp_path, loaders, fake_fit):
     one = finetune.one_stage_schedule(1, 1e-3)
     experiments.run_cached("run", build, one, loaders, tmp_path, CONFIG, progress=False)
     experiments.run_cached("run", build, one, loaders, tmp_path, {**CONFIG, "seed": 1}, progress=False)
-    experiments.run_cached("run", build, finetune.one_stage_schedule(1, 1e-4), loaders, tmp_path, CONFIG,
-                           progress=False)
+    experiments.run_cached(
+        "run", build, finetune.one_stage_schedule(1, 1e-4), loaders, tmp_path, CONFIG, progress=False
+    )
     assert len(fake_fit) == 3
     assert len(list(tmp_path.glob("run-*.json"))) == 3
     experiments.run_cached("run", build, one, loaders, tmp_path, CONFIG, progress=False)  # reloaded
@@ -96,9 +101,11 @@ def test_trainable_per_epoch_follows_the_schedule():
     model = build()
     counts = models.count_parameters(model)
     per_epoch = experiments.trainable_per_epoch(model, SCHEDULE)
-    assert per_epoch == [counts["cbam"] + counts["head"],
-                         counts["cbam"] + counts["head"] + counts["layer3"] + counts["layer4"],
-                         counts["total"]]
+    assert per_epoch == [
+        counts["cbam"] + counts["head"],
+        counts["cbam"] + counts["head"] + counts["layer3"] + counts["layer4"],
+        counts["total"],
+    ]
 
 
 def test_comparison_table_and_text():
@@ -108,9 +115,17 @@ def test_comparison_table_and_text():
             h.append({"epoch": i, "stage": "s", "val_acc": acc, "seconds": 1.25})
         return h
 
-    rows = experiments.comparison_table({"x": history([0.2, 0.5, 0.4], [10, 10, 1000]), "y": history([0.3], [7])})
-    assert rows[0] == {"strategy": "x", "epochs": 3, "final val acc": 0.4, "best val acc": 0.5, "seconds": 3.8,
-                       "trainable params": "10 → 1,000"}
+    rows = experiments.comparison_table(
+        {"x": history([0.2, 0.5, 0.4], [10, 10, 1000]), "y": history([0.3], [7])}
+    )
+    assert rows[0] == {
+        "strategy": "x",
+        "epochs": 3,
+        "final val acc": 0.4,
+        "best val acc": 0.5,
+        "seconds": 3.8,
+        "trainable params": "10 → 1,000",
+    }
     assert rows[1]["trainable params"] == "7"
     text = experiments.format_table(rows).splitlines()
     assert text[0].startswith("strategy") and set(text[1]) <= {"-", " "}
@@ -120,8 +135,14 @@ def test_comparison_table_and_text():
 def test_resolve_config_precedence():
     table = {"smoke": {"train_size": 64, "batch_size": 32}, "full": {"train_size": None}}
     cfg = experiments.resolve_config("smoke", table, train_size=None, batch_size=16, epochs=[1, 2, 1], seed=0)
-    assert cfg == {**presets.PRESETS["smoke"], "preset": "smoke", "train_size": 64, "batch_size": 16,
-                   "epochs": (1, 2, 1), "seed": 0}
+    assert cfg == {
+        **presets.PRESETS["smoke"],
+        "preset": "smoke",
+        "train_size": 64,
+        "batch_size": 16,
+        "epochs": (1, 2, 1),
+        "seed": 0,
+    }
     assert experiments.resolve_config("full", table)["train_size"] is None
     assert experiments.resolve_config("quick", table) == presets.resolve("quick")
 

@@ -1,13 +1,14 @@
 """The schedule as data (course_utils.finetune): resolution, validation raised by fit, the optimizer."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from _helpers import expected_group
 from torch import nn
 
-from _helpers import expected_group
 from course_utils.finetune import Schedule, Stage, make_optimizer, one_stage_schedule, three_stage_schedule
 from course_utils.models import resnet18_cbam
 from course_utils.train import fit
@@ -20,7 +21,7 @@ def stage_plans(schedule, model):
     plans = schedule.plan_for(model)
     out = []
     for name, first, last in schedule.boundaries():
-        sel = plans[first - 1:last]
+        sel = plans[first - 1 : last]
         assert all(p.stage == name for p in sel)
         assert all(p.lr == sel[0].lr and p.trainable == sel[0].trainable for p in sel)
         out.append((set(sel[0].trainable), sel[0].lr, len(sel)))
@@ -36,9 +37,24 @@ def test_three_stage_schedule_on_the_course_model():
     assert t1 == {"cbam", "head"}
     assert t2 == {"cbam", "head", "layer3", "layer4"}
     assert t3 == {"stem", "layer1", "layer2", "layer3", "layer4", "cbam", "head"}
-    assert lr1 == {"stem": 0.0, "layer1": 0.0, "layer2": 0.0, "layer3": 0.0, "layer4": 0.0, "cbam": 1e-3, "head": 1e-3}
-    assert lr2 == {"stem": 0.0, "layer1": 0.0, "layer2": 0.0, "layer3": 1e-4, "layer4": 1e-4, "cbam": 1e-4,
-                   "head": 1e-4}
+    assert lr1 == {
+        "stem": 0.0,
+        "layer1": 0.0,
+        "layer2": 0.0,
+        "layer3": 0.0,
+        "layer4": 0.0,
+        "cbam": 1e-3,
+        "head": 1e-3,
+    }
+    assert lr2 == {
+        "stem": 0.0,
+        "layer1": 0.0,
+        "layer2": 0.0,
+        "layer3": 1e-4,
+        "layer4": 1e-4,
+        "cbam": 1e-4,
+        "head": 1e-4,
+    }
     assert lr3 == dict.fromkeys(t3, 1e-5)
     assert [b[1:] for b in schedule.boundaries()] == [(1, 5), (6, 20), (21, 50)]
 
@@ -62,14 +78,16 @@ def test_differential_keeps_new_modules_faster(stem):
         if old_lrs:
             assert min(new_lrs) > max(old_lrs), lr
     (_, lr2, _), (_, lr3, _) = stages[1:]
-    assert lr2["head"] == pytest.approx(1e-3) and lr2["layer3"] == pytest.approx(1e-4) and lr2["layer1"] == 0.0
+    assert (
+        lr2["head"] == pytest.approx(1e-3) and lr2["layer3"] == pytest.approx(1e-4) and lr2["layer1"] == 0.0
+    )
     assert lr3["cbam"] == pytest.approx(1e-4) and lr3["layer1"] == pytest.approx(1e-5)
 
 
 def test_lr_dict_group_entry_beats_alias():
     model = resnet18_cbam()
     schedule = Schedule([Stage("s", 1, "all", {"all": 1e-5, "new": 1e-4, "head": 1e-2})])
-    (_, lr, _), = stage_plans(schedule, model)
+    ((_, lr, _),) = stage_plans(schedule, model)
     assert lr["head"] == 1e-2 and lr["cbam"] == 1e-4 and lr["layer2"] == 1e-5
 
 
@@ -93,24 +111,32 @@ def assert_fit_refuses(model, loaders, make_schedule, match, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before), "the model changed before the error"
 
 
-@pytest.mark.parametrize("make_schedule, match", [
-    (lambda: Schedule([Stage("a", 1, ["head", "layer9"], 1e-3)]), "unknown layer group 'layer9'"),
-    (lambda: Schedule([Stage("a", 1, "head", {"head": 1e-3, "neck": 1e-3})]), "unknown layer group 'neck'"),
-    (lambda: Schedule([Stage("a", 0, "head", 1e-3)]), "epochs must be a positive"),
-    (lambda: Schedule([Stage("a", -2, "head", 1e-3)]), "epochs must be a positive"),
-    (lambda: Schedule([Stage("a", 1.5, "head", 1e-3)]), "epochs must be a positive"),
-    (lambda: Schedule([Stage("a", 1, "head", 0.0)]), "learning rate"),
-    (lambda: Schedule([Stage("a", 1, "head", -1e-3)]), "learning rate"),
-    (lambda: Schedule([Stage("a", 1, "head", math.nan)]), "learning rate"),
-    (lambda: Schedule([Stage("a", 1, "head", math.inf)]), "learning rate"),
-    (lambda: Schedule([Stage("a", 1, "head", {"head": 1e-3, "cbam": 0})]), "learning rate cbam=0"),
-    (lambda: Schedule([Stage("a", 1, [], 1e-3)]), "trains no group"),
-    (lambda: Schedule([Stage("a", 1, ["new", "layer4"], {"new": 1e-3})]), "no learning rate for layer4"),
-    (lambda: Schedule([Stage("ok", 1, "new", 1e-3), Stage("b", 1, "all", {"pretrained": 1e-4})]),
-     "stage 'b': no learning rate for cbam, head"),
-    (lambda: Schedule([]), "at least one stage"),
-    (lambda: Schedule([Stage("a", 1, "head", 1e-3), Stage("a", 1, "all", 1e-4)]), "unique"),
-])
+@pytest.mark.parametrize(
+    "make_schedule, match",
+    [
+        (lambda: Schedule([Stage("a", 1, ["head", "layer9"], 1e-3)]), "unknown layer group 'layer9'"),
+        (
+            lambda: Schedule([Stage("a", 1, "head", {"head": 1e-3, "neck": 1e-3})]),
+            "unknown layer group 'neck'",
+        ),
+        (lambda: Schedule([Stage("a", 0, "head", 1e-3)]), "epochs must be a positive"),
+        (lambda: Schedule([Stage("a", -2, "head", 1e-3)]), "epochs must be a positive"),
+        (lambda: Schedule([Stage("a", 1.5, "head", 1e-3)]), "epochs must be a positive"),
+        (lambda: Schedule([Stage("a", 1, "head", 0.0)]), "learning rate"),
+        (lambda: Schedule([Stage("a", 1, "head", -1e-3)]), "learning rate"),
+        (lambda: Schedule([Stage("a", 1, "head", math.nan)]), "learning rate"),
+        (lambda: Schedule([Stage("a", 1, "head", math.inf)]), "learning rate"),
+        (lambda: Schedule([Stage("a", 1, "head", {"head": 1e-3, "cbam": 0})]), "learning rate cbam=0"),
+        (lambda: Schedule([Stage("a", 1, [], 1e-3)]), "trains no group"),
+        (lambda: Schedule([Stage("a", 1, ["new", "layer4"], {"new": 1e-3})]), "no learning rate for layer4"),
+        (
+            lambda: Schedule([Stage("ok", 1, "new", 1e-3), Stage("b", 1, "all", {"pretrained": 1e-4})]),
+            "stage 'b': no learning rate for cbam, head",
+        ),
+        (lambda: Schedule([]), "at least one stage"),
+        (lambda: Schedule([Stage("a", 1, "head", 1e-3), Stage("a", 1, "all", 1e-4)]), "unique"),
+    ],
+)
 def test_invalid_schedules_fail_before_training(make_schedule, match, loaders, monkeypatch):
     model = resnet18_cbam(placement="stage")
     assert_fit_refuses(model, loaders, make_schedule, match, monkeypatch)
@@ -118,8 +144,13 @@ def test_invalid_schedules_fail_before_training(make_schedule, match, loaders, m
 
 def test_stage_with_no_group_of_this_model_fails_before_training(loaders, monkeypatch):
     model = resnet18_cbam(placement=None)  # no CBAM: "cbam" is not a group of this model
-    assert_fit_refuses(model, loaders, lambda: Schedule([Stage("a", 1, "cbam", 1e-3)]), "unknown layer group 'cbam'",
-                       monkeypatch)
+    assert_fit_refuses(
+        model,
+        loaders,
+        lambda: Schedule([Stage("a", 1, "cbam", 1e-3)]),
+        "unknown layer group 'cbam'",
+        monkeypatch,
+    )
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -130,7 +161,9 @@ def test_optimizer_holds_every_parameter_with_the_right_decay(kind, placement, s
     opt = make_optimizer(model, weight_decay=0.05, optimizer=kind)
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len({id(p) for p in in_opt}), "a parameter is in two param groups"
-    assert {id(p) for p in in_opt} == {id(p) for p in model.parameters()}, "not every parameter is in the optimizer"
+    assert {id(p) for p in in_opt} == {id(p) for p in model.parameters()}, (
+        "not every parameter is in the optimizer"
+    )
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     group_of = {id(p): g["group"] for g in opt.param_groups for p in g["params"]}
     assert all(g["lr"] == 0.0 for g in opt.param_groups), "learning rates are set per epoch, 0 until then"
@@ -158,5 +191,5 @@ def test_unknown_optimizer_is_refused():
 
 
 def test_one_stage_schedule_trains_everything():
-    (trainable, lr, epochs), = stage_plans(one_stage_schedule(3, 2e-4), resnet18_cbam())
+    ((trainable, lr, epochs),) = stage_plans(one_stage_schedule(3, 2e-4), resnet18_cbam())
     assert epochs == 3 and trainable == set(PRETRAINED) | {"cbam", "head"} and set(lr.values()) == {2e-4}

@@ -2,17 +2,19 @@
 fit/evaluate iterate each loader once; the first batch is checked against the model before anything changes;
 a checkpoint folder that cannot be written fails before the first epoch; sizes and counts are refused where
 they are given."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
-
 from _helpers import differing, random_images, reference_loaders, reference_model
+
 from course_utils import data as cdata
-from course_utils import experiments, finetune, presets, train
+from course_utils import experiments, finetune, train
 from course_utils.finetune import one_stage_schedule, three_stage_schedule
+from course_utils.machinery import presets
 from course_utils.models import resnet18_cbam, stage_table, vgg16_cbam
 from course_utils.train import BatchError, CheckpointError, check_batch, evaluate, fit
 
@@ -52,7 +54,10 @@ def normalised_batches(n_batches=2, batch_size=8, seed=0):
 def test_fit_and_evaluate_iterate_each_loader_once_per_epoch(progress):
     torch.manual_seed(0)
     model = resnet18_cbam(placement=None)
-    train_loader, val_loader = CountingLoader(normalised_batches(2)), CountingLoader(normalised_batches(1, seed=1))
+    train_loader, val_loader = (
+        CountingLoader(normalised_batches(2)),
+        CountingLoader(normalised_batches(1, seed=1)),
+    )
     fit(model, one_stage_schedule(2, 1e-3), train_loader, val_loader, device="cpu", progress=progress)
     assert train_loader.passes == 2, f"train_loader was iterated {train_loader.passes} times in 2 epochs"
     assert val_loader.passes == 2, f"val_loader was iterated {val_loader.passes} times in 2 epochs"
@@ -64,8 +69,13 @@ def test_progress_bar_does_not_change_training(resnet18_state_file):
     runs = []
     for progress in (True, False):
         model = reference_model(resnet18_state_file)
-        history = fit(model, three_stage_schedule(epochs=(1, 1, 1)), *reference_loaders(), device="cpu",
-                      progress=progress)
+        history = fit(
+            model,
+            three_stage_schedule(epochs=(1, 1, 1)),
+            *reference_loaders(),
+            device="cpu",
+            progress=progress,
+        )
         runs.append((comparable(history), state(model)))
     (h_on, w_on), (h_off, w_off) = runs
     assert h_on == h_off
@@ -84,8 +94,13 @@ def test_a_one_shot_generator_trains_on_every_batch():
     assert differing(results[0][1], results[1][1]) == []
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="generator"):  # a second epoch has nothing left: said, not silent
-        fit(resnet18_cbam(placement=None), one_stage_schedule(2, 1e-3), (b for b in batches), device="cpu",
-            progress=False)
+        fit(
+            resnet18_cbam(placement=None),
+            one_stage_schedule(2, 1e-3),
+            (b for b in batches),
+            device="cpu",
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------ the first batch vs the model
@@ -124,7 +139,11 @@ def prepare(model):
     model.layer1.eval()
     for p in model.stem.parameters():
         p.requires_grad_(False)
-    return (state(model), [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
+    return (
+        state(model),
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+    )
 
 
 def assert_untouched(model, before):
@@ -141,7 +160,13 @@ def test_fit_refuses_a_bad_first_batch_before_anything_changes(case, small_model
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
     before = prepare(small_model)
     with pytest.raises(ValueError) as info:
-        fit(small_model, three_stage_schedule(epochs=(1, 1, 1)), [batch, good_batch()], device="cpu", progress=False)
+        fit(
+            small_model,
+            three_stage_schedule(epochs=(1, 1, 1)),
+            [batch, good_batch()],
+            device="cpu",
+            progress=False,
+        )
     message = str(info.value)
     assert "train_loader" in message and "Fix:" in message, message
     for text in expected:
@@ -229,7 +254,14 @@ def test_checkpoint_probe_leaves_nothing_behind(tmp_path):
     torch.manual_seed(0)
     model = resnet18_cbam(placement=None)
     ckpt = tmp_path / "new" / "run.ckpt"
-    fit(model, one_stage_schedule(1, 1e-3), normalised_batches(1), checkpoint=ckpt, device="cpu", progress=False)
+    fit(
+        model,
+        one_stage_schedule(1, 1e-3),
+        normalised_batches(1),
+        checkpoint=ckpt,
+        device="cpu",
+        progress=False,
+    )
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["run.ckpt"]
     assert train.load_checkpoint(ckpt)["epoch"] == 1
 
@@ -239,8 +271,18 @@ def test_a_file_that_is_not_fits_checkpoint_is_never_overwritten(tmp_path, small
     ckpt = tmp_path / "notes.ckpt"
     ckpt.write_bytes(b"my own notes, not a checkpoint")
     loader, _ = counting_loaders()
-    with pytest.raises(CheckpointError, match="resume=True" if not resume else "not a readable course checkpoint"):
-        fit(small_model, one_stage_schedule(1), loader, checkpoint=ckpt, resume=resume, device="cpu", progress=False)
+    with pytest.raises(
+        CheckpointError, match="resume=True" if not resume else "not a readable course checkpoint"
+    ):
+        fit(
+            small_model,
+            one_stage_schedule(1),
+            loader,
+            checkpoint=ckpt,
+            resume=resume,
+            device="cpu",
+            progress=False,
+        )
     assert ckpt.read_bytes() == b"my own notes, not a checkpoint"
     assert loader.passes == 0
 
@@ -250,9 +292,17 @@ def test_run_cached_checks_its_results_folder_before_training(tmp_path):
     blocker.write_text("x")
     built = []
     with pytest.raises(CheckpointError, match="cannot be created or written"):
-        experiments.run_cached("run", lambda: built.append(1), one_stage_schedule(1), (None, None),
-                               blocker / "results", {"seed": 0})
-    assert built == [], "the model was built (and would have been trained) before the results folder was checked"
+        experiments.run_cached(
+            "run",
+            lambda: built.append(1),
+            one_stage_schedule(1),
+            (None, None),
+            blocker / "results",
+            {"seed": 0},
+        )
+    assert built == [], (
+        "the model was built (and would have been trained) before the results folder was checked"
+    )
 
 
 # ------------------------------------------------------------------------------ sizes and counts
@@ -293,7 +343,9 @@ def test_loaders_refuse_image_sizes_that_mean_nothing(value):
 
 def test_training_loader_that_gives_no_batch_is_refused_before_training(small_model):
     images, labels = random_images(8)
-    loader = cdata.TensorLoader(images, labels, 32, train=True, device="cpu")  # made (its val sibling may be used)
+    loader = cdata.TensorLoader(
+        images, labels, 32, train=True, device="cpu"
+    )  # made (its val sibling may be used)
     before = prepare(small_model)
     with pytest.raises(BatchError, match="batch_size=32 is more than its images.*drop_last=False"):
         fit(small_model, one_stage_schedule(1), loader, device="cpu", progress=False)
@@ -329,8 +381,15 @@ def test_one_stage_schedule_refuses_bad_epochs(epochs):
         one_stage_schedule(epochs)
 
 
-@pytest.mark.parametrize("override, name", [(dict(train_size=-5), "train_size"), (dict(val_size=0), "val_size"),
-                                            (dict(batch_size=0), "batch_size"), (dict(epochs=(1, 0, 1)), "epochs")])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        (dict(train_size=-5), "train_size"),
+        (dict(val_size=0), "val_size"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(epochs=(1, 0, 1)), "epochs"),
+    ],
+)
 def test_presets_refuse_bad_sizes_where_the_notebook_sets_them(override, name):
     with pytest.raises(ValueError, match=name):
         presets.resolve("smoke", **override)
@@ -373,25 +432,42 @@ def test_three_stage_schedule_trains_vgg16_high_blocks_in_stage_2():
     snapshots = []
     groups = lambda: {g: [p.detach().clone() for p in ps] for g, ps in finetune.layer_groups(vgg).items()}  # noqa
     snapshots.append(groups())
-    fit(vgg, three_stage_schedule(epochs=(1, 1, 1)), normalised_batches(1, batch_size=4), device="cpu",
-        progress=False, on_epoch_end=lambda h: snapshots.append(groups()))
+    fit(
+        vgg,
+        three_stage_schedule(epochs=(1, 1, 1)),
+        normalised_batches(1, batch_size=4),
+        device="cpu",
+        progress=False,
+        on_epoch_end=lambda h: snapshots.append(groups()),
+    )
 
     def moved(a, b):
         return {g for g in a if any(not torch.equal(x, y) for x, y in zip(a[g], b[g]))}
 
     assert moved(snapshots[0], snapshots[1]) == {"cbam", "head"}
     assert moved(snapshots[1], snapshots[2]) == {"block4", "block5", "cbam", "head"}
-    assert moved(snapshots[2], snapshots[3]) == {"block1", "block2", "block3", "block4", "block5", "cbam", "head"}
+    assert moved(snapshots[2], snapshots[3]) == {
+        "block1",
+        "block2",
+        "block3",
+        "block4",
+        "block5",
+        "cbam",
+        "head",
+    }
 
 
 # ------------------------------------------------------------------------------ other arguments of fit
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(schedule=[finetune.Stage("a", 1, "all", 1e-3)]), TypeError, r"finetune.Schedule\(\[...\]\)"),
-    (dict(schedule="three_stage"), TypeError, "three_stage_schedule"),
-    (dict(model="resnet18"), TypeError, "nn.Module"),
-    (dict(label_smoothing=2), ValueError, "label_smoothing"),
-    (dict(on_epoch_end=5), TypeError, "on_epoch_end"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(schedule=[finetune.Stage("a", 1, "all", 1e-3)]), TypeError, r"finetune.Schedule\(\[...\]\)"),
+        (dict(schedule="three_stage"), TypeError, "three_stage_schedule"),
+        (dict(model="resnet18"), TypeError, "nn.Module"),
+        (dict(label_smoothing=2), ValueError, "label_smoothing"),
+        (dict(on_epoch_end=5), TypeError, "on_epoch_end"),
+    ],
+)
 def test_fit_refuses_arguments_torch_would_reject_mid_epoch(kwargs, error, message, small_model):
     loader = CountingLoader(normalised_batches(1))
     args = {"model": small_model, "schedule": one_stage_schedule(1), **kwargs}
@@ -405,8 +481,13 @@ def test_fit_refuses_arguments_torch_would_reject_mid_epoch(kwargs, error, messa
 def test_a_schedule_that_does_not_fit_the_model_leaves_it_untouched(small_model):
     before = prepare(small_model)
     with pytest.raises(ValueError, match="unknown layer group 'block4'"):
-        fit(small_model, finetune.Schedule([finetune.Stage("s", 1, ["block4"], 1e-3)]), [good_batch()],
-            device="cpu", progress=False)
+        fit(
+            small_model,
+            finetune.Schedule([finetune.Stage("s", 1, ["block4"], 1e-3)]),
+            [good_batch()],
+            device="cpu",
+            progress=False,
+        )
     assert_untouched(small_model, before)
 
 
@@ -434,14 +515,18 @@ def test_the_panel_opens_on_vgg16_and_its_presets_work():
     panel = widgets.schedule_designer(vgg, epochs=(1, 1, 1))
     assert panel.error == "" and panel.schedule == three_stage_schedule(epochs=(1, 1, 1))
     assert "block4, block5, cbam, head" in panel.w_table.value
-    assert [t.value for t in panel.w_train[1].values()] == [g in ("block4", "block5", "cbam", "head")
-                                                            for g in panel.groups]
+    assert [t.value for t in panel.w_train[1].values()] == [
+        g in ("block4", "block5", "cbam", "head") for g in panel.groups
+    ]
     for name, make in widgets.PRESETS.items():
         panel.w_preset.value = name
         assert panel.error == "", (name, panel.error)
         assert panel.schedule == make((1, 1, 1)), name
     groups, new = list(finetune.layer_groups(vgg)), vgg.new_groups
-    assert widgets.schedule_from_values(widgets.DEFAULT_VALUES, groups, new, vgg.high_groups) == three_stage_schedule()
+    assert (
+        widgets.schedule_from_values(widgets.DEFAULT_VALUES, groups, new, vgg.high_groups)
+        == three_stage_schedule()
+    )
 
 
 def test_the_data_instead_of_a_loader_is_refused_with_the_fix(small_model):

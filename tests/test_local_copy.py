@@ -1,4 +1,5 @@
 """``data.build_local_copy``: CIFAR-10 in torchvision's on-disk layout from a JPEG tar, held-out images kept out."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,12 @@ def tars(tmp_path):
     rng = np.random.default_rng(0)
     train = [(f"train/{cls}/{i:04d}.jpg", jpeg(rng)) for cls in cdata.CLASSES for i in range(4)]
     val = [(f"val/{name.split('/')[1]}/{name.split('/')[2]}", blob) for name, blob in train[::4]]
-    return {"members": train, "held_out": val, "source": write_tar(tmp_path / "train.tar.gz", train),
-            "subset": write_tar(tmp_path / "subset.tar.gz", train[1::4] + val)}
+    return {
+        "members": train,
+        "held_out": val,
+        "source": write_tar(tmp_path / "train.tar.gz", train),
+        "subset": write_tar(tmp_path / "subset.tar.gz", train[1::4] + val),
+    }
 
 
 def decoded(blob):
@@ -60,7 +65,11 @@ def test_layout_loads_as_the_local_copy_with_the_held_out_images_as_validation(t
     target = cdata.build_local_copy(tars["source"], root, held_out_tar=tars["subset"])
     assert target == root / "cifar-10-batches-py"
     assert sorted(p.name for p in target.iterdir()) == [
-        "batches.meta", "course_local_copy.json", *(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
+        "batches.meta",
+        "course_local_copy.json",
+        *(f"data_batch_{k}" for k in range(1, 6)),
+        "test_batch",
+    ]
     with open(target / "data_batch_1", "rb") as f:  # the official release's format
         batch = pickle.load(f, encoding="latin1")
     assert batch["data"].dtype == np.uint8 and batch["data"].shape[1] == 3072 and len(batch["labels"]) == 6
@@ -69,7 +78,9 @@ def test_layout_loads_as_the_local_copy_with_the_held_out_images_as_validation(t
     assert (len(data.train_labels), len(data.val_labels)) == (30, 10)
     held_out = [decoded(blob) for _, blob in tars["held_out"]]
     assert image_set(data.val_images) == image_set(held_out)
-    assert not set(image_set(data.train_images)) & set(image_set(held_out)), "a validation image is in training"
+    assert not set(image_set(data.train_images)) & set(image_set(held_out)), (
+        "a validation image is in training"
+    )
     # labels follow the class folders
     for image, label in zip(data.val_images, data.val_labels):
         name = next(n for n, b in tars["held_out"] if torch.equal(decoded(b), image))

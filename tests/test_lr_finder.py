@@ -4,6 +4,7 @@ The course model tests use the seeded ResNet18+CBAM of the other tests on a few 
 the analytic test a two-parameter linear model whose loss is an exact quadratic, where plain SGD is stable
 exactly for lr < 2/λ_max.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import random
 
 import pytest
 import torch
+from _helpers import differing, expected_group, group_state, random_images
 from torch import nn
 
-from _helpers import differing, expected_group, group_state, random_images
 from course_utils import lr_finder
 from course_utils.data import TensorLoader
 from course_utils.finetune import Schedule, Stage, make_optimizer, three_stage_schedule
@@ -49,13 +50,17 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def same_tensors(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y)
-                                      for x, y in zip(a.values(), b.values()))
+    return list(a) == list(b) and all(
+        x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y)
+        for x, y in zip(a.values(), b.values())
+    )
 
 
 def optimizer_state(opt) -> list:
     sd = opt.state_dict()
-    flat = [(k, {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}) for k, s in sd["state"].items()]
+    flat = [
+        (k, {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}) for k, s in sd["state"].items()
+    ]
     return [flat, [{k: v for k, v in g.items()} for g in sd["param_groups"]]]
 
 
@@ -80,6 +85,7 @@ def equal_optimizer_states(a, b) -> bool:
 def step_hook(monkeypatch):
     """Calls ``hook(model, optimizer)`` before and ``after(model, optimizer)`` after each step lr_find takes
     (the shared train_step): returns a function that installs them."""
+
     def install(before=None, after=None):
         original = lr_finder.train_step
 
@@ -92,6 +98,7 @@ def step_hook(monkeypatch):
             return out
 
         monkeypatch.setattr(lr_finder, "train_step", wrapped)
+
     return install
 
 
@@ -118,8 +125,15 @@ def test_everything_is_restored_bit_identical(model, tiny_loader, step_hook):
     changed = []
     step_hook(after=lambda m, o: changed.append(not same_tensors(full_state(m), before_state)))
 
-    result = lr_find(model, three_stage_schedule(differential=True), tiny_loader, which=2, num_steps=10,
-                     optimizer=opt, **FAST)
+    result = lr_find(
+        model,
+        three_stage_schedule(differential=True),
+        tiny_loader,
+        which=2,
+        num_steps=10,
+        optimizer=opt,
+        **FAST,
+    )
 
     assert len(result) == 10 and all(changed)  # the sweep did train (so restoring was needed)
     assert same_tensors(full_state(model), before_state)
@@ -132,7 +146,9 @@ def test_everything_is_restored_bit_identical(model, tiny_loader, step_hook):
 
 def test_fit_after_lr_find_gives_the_same_history(resnet18_state_file, tiny_data):
     images, labels = tiny_data
-    schedule = Schedule(three_stage_schedule(differential=True, epochs=(1, 1, 1)).stages[:2])  # frozen, then not
+    schedule = Schedule(
+        three_stage_schedule(differential=True, epochs=(1, 1, 1)).stages[:2]
+    )  # frozen, then not
 
     def run(finder_first: bool):
         torch.manual_seed(0)
@@ -158,10 +174,15 @@ def test_frozen_groups_are_never_touched_during_the_sweep(model, tiny_loader, st
 
     def before(m, opt):
         requires = {expected_group(n) for n, p in m.named_parameters() if p.requires_grad}
-        bn_training = {expected_group(n) for n, mod in m.named_modules()
-                       if isinstance(mod, nn.BatchNorm2d) and mod.training}
+        bn_training = {
+            expected_group(n)
+            for n, mod in m.named_modules()
+            if isinstance(mod, nn.BatchNorm2d) and mod.training
+        }
         lr_of = {pg["group"]: pg["lr"] for pg in opt.param_groups}
-        seen.append({"requires": requires, "bn_training": bn_training, "frozen_lr": {lr_of[g] for g in frozen}})
+        seen.append(
+            {"requires": requires, "bn_training": bn_training, "frozen_lr": {lr_of[g] for g in frozen}}
+        )
 
     def after(m, opt):
         now = group_state(m)
@@ -186,7 +207,12 @@ def test_ratios_between_trainable_groups_are_kept_at_every_step(model, tiny_load
     in_force = []
     step_hook(before=lambda m, opt: in_force.append({pg["group"]: pg["lr"] for pg in opt.param_groups}))
     result = lr_find(model, schedule, tiny_loader, which=2, num_steps=15, start_lr=1e-6, end_lr=1e-1, **FAST)
-    assert result.shares == {"layer3": pytest.approx(0.1), "layer4": pytest.approx(0.1), "cbam": 1.0, "head": 1.0}
+    assert result.shares == {
+        "layer3": pytest.approx(0.1),
+        "layer4": pytest.approx(0.1),
+        "cbam": 1.0,
+        "head": 1.0,
+    }
     assert in_force == result.lrs and len(result.lrs) == 15
     for m, lrs in zip(result.multiplier, result.lrs):
         assert lrs["head"] == lrs["cbam"] == pytest.approx(m, rel=1e-12)
@@ -266,9 +292,17 @@ def check_divergence_at(result, bound):
 def test_plain_sgd_on_a_quadratic_diverges_where_theory_says_and_the_suggestion_lies_below():
     """Plain gradient descent on a quadratic with Hessian eigenvalues λ is stable exactly for lr < 2/λ_max."""
     model, loader = Quadratic(), NoisyTargets(a=2.0, b=1.0)
-    lam_max = 2.0 ** 2 / 2  # Hessian diag(a², b²)/2
-    result = lr_find(model, Stage("head", 1, ["head"], 0.1), loader, start_lr=1e-3, end_lr=100, num_steps=200,
-                     optimizer=plain_sgd(model), **FAST)
+    lam_max = 2.0**2 / 2  # Hessian diag(a², b²)/2
+    result = lr_find(
+        model,
+        Stage("head", 1, ["head"], 0.1),
+        loader,
+        start_lr=1e-3,
+        end_lr=100,
+        num_steps=200,
+        optimizer=plain_sgd(model),
+        **FAST,
+    )
     check_divergence_at(result, 2 / lam_max)
 
 
@@ -280,8 +314,16 @@ def test_nesterov_sgd_on_a_quadratic_diverges_where_theory_says():
     beta, lam_max = 0.9, 2.0
     opt = make_optimizer(model, weight_decay=0.0, optimizer="sgd")
     assert all(pg["momentum"] == beta and pg["nesterov"] for pg in opt.param_groups)
-    result = lr_find(model, Stage("head", 1, ["head"], 0.1), loader, start_lr=1e-3, end_lr=100, num_steps=200,
-                     optimizer=opt, **FAST)
+    result = lr_find(
+        model,
+        Stage("head", 1, ["head"], 0.1),
+        loader,
+        start_lr=1e-3,
+        end_lr=100,
+        num_steps=200,
+        optimizer=opt,
+        **FAST,
+    )
     check_divergence_at(result, 2 * (1 + beta) / ((1 + 2 * beta) * lam_max))
 
 
@@ -323,27 +365,46 @@ def test_a_short_loader_is_cycled_with_a_note(model, tiny_loader, capsys):
     epochs = []
     original = tiny_loader.set_epoch
     tiny_loader.set_epoch = lambda e: (epochs.append(e), original(e))
-    result = lr_find(model, three_stage_schedule(), tiny_loader, which=2, num_steps=10, device="cpu", amp=False,
-                     channels_last=False)
+    result = lr_find(
+        model,
+        three_stage_schedule(),
+        tiny_loader,
+        which=2,
+        num_steps=10,
+        device="cpu",
+        amp=False,
+        channels_last=False,
+    )
     assert len(result) == 10
-    assert epochs == [6, 7, 8, 9, 10]  # 2 batches per pass; stage 2 starts at epoch 6 of the (5, 15, 30) schedule
+    assert epochs == [
+        6,
+        7,
+        8,
+        9,
+        10,
+    ]  # 2 batches per pass; stage 2 starts at epoch 6 of the (5, 15, 30) schedule
     assert any("cycled" in n for n in result.notes)
     assert "cycled" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("stage, kwargs, message", [
-    (Stage("x", 1, ["layer9"], 1e-3), {}, "unknown layer group 'layer9'"),
-    (Stage("x", 1, ["cbam"], 1e-3), {"placement": None}, "unknown layer group 'cbam'"),
-    (Stage("x", 1, ["new"], 1e-3), {"start_lr": 1.0, "end_lr": 1.0}, "must be below end_lr"),
-    (Stage("x", 1, ["new"], 1e-3), {"num_steps": 9}, "at least 10"),
-    (Stage("x", 1, ["new"], 1e-3), {"start_lr": 0.0}, "start_lr must be a positive"),
-    (Stage("x", 1, ["new"], 1e-3), {"end_lr": math.inf}, "end_lr must be a positive"),
-    (three_stage_schedule(), {"which": 0}, "stage number 1..3"),
-    (three_stage_schedule(), {"which": "4 nope"}, "no stage named"),
-    (three_stage_schedule(), {}, "needs which="),
-])
-def test_bad_input_is_refused_before_anything_changes(resnet18_state_file, tiny_loader, stage, kwargs, message):
+@pytest.mark.parametrize(
+    "stage, kwargs, message",
+    [
+        (Stage("x", 1, ["layer9"], 1e-3), {}, "unknown layer group 'layer9'"),
+        (Stage("x", 1, ["cbam"], 1e-3), {"placement": None}, "unknown layer group 'cbam'"),
+        (Stage("x", 1, ["new"], 1e-3), {"start_lr": 1.0, "end_lr": 1.0}, "must be below end_lr"),
+        (Stage("x", 1, ["new"], 1e-3), {"num_steps": 9}, "at least 10"),
+        (Stage("x", 1, ["new"], 1e-3), {"start_lr": 0.0}, "start_lr must be a positive"),
+        (Stage("x", 1, ["new"], 1e-3), {"end_lr": math.inf}, "end_lr must be a positive"),
+        (three_stage_schedule(), {"which": 0}, "stage number 1..3"),
+        (three_stage_schedule(), {"which": "4 nope"}, "no stage named"),
+        (three_stage_schedule(), {}, "needs which="),
+    ],
+)
+def test_bad_input_is_refused_before_anything_changes(
+    resnet18_state_file, tiny_loader, stage, kwargs, message
+):
     placement = kwargs.pop("placement", "stage")
     torch.manual_seed(0)
     model = resnet18_cbam(weights=resnet18_state_file, placement=placement)
@@ -387,7 +448,11 @@ def test_suggested_stage_keeps_ratios_and_the_lr_type():
     s = r.suggested_stage()
     assert s.name == "2" and s.epochs == 15 and s.trainable == differential.trainable
     assert s.lr == {"new": pytest.approx(top), "pretrained": pytest.approx(top / 10)}
-    assert r.suggested_lrs() == {"layer3": pytest.approx(top / 10), "layer4": pytest.approx(top / 10), "head": top}
+    assert r.suggested_lrs() == {
+        "layer3": pytest.approx(top / 10),
+        "layer4": pytest.approx(top / 10),
+        "head": top,
+    }
     single = _result(Stage("1", 5, ["new"], 1e-3), {"head": 1.0}, m, loss).suggested_stage()
     assert isinstance(single.lr, float) and single.lr == pytest.approx(top)
 

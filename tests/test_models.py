@@ -1,4 +1,5 @@
 """ResNet18/VGG16 with CBAM (course_utils.models): layer groups, identity insertion, shapes, weights loading."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
+from _helpers import RESNET_GROUPS, VGG_GROUPS, expected_group
 from torchvision import models as tvm
 
-from _helpers import RESNET_GROUPS, VGG_GROUPS, expected_group
 from course_utils import models as cm
 from course_utils.cbam import CBAM
 from course_utils.models import WeightsError, layer_groups, resnet18_cbam, stage_table, vgg16_cbam
@@ -41,7 +42,9 @@ def check_groups(model, expected_order):
 def test_resnet_layer_groups_cover_every_parameter_once(placement, stem):
     model = resnet18_cbam(placement=placement, stem=stem)
     groups = check_groups(model, RESNET_GROUPS)
-    expected = ["stem", "layer1", "layer2", "layer3", "layer4"] + ["cbam"] * (placement is not None) + ["head"]
+    expected = (
+        ["stem", "layer1", "layer2", "layer3", "layer4"] + ["cbam"] * (placement is not None) + ["head"]
+    )
     assert list(groups) == expected
     assert model.new_groups == ("stem",) * (stem == "cifar") + ("cbam",) * (placement is not None) + ("head",)
     n_cbam = sum(isinstance(m, CBAM) for m in model.modules())
@@ -70,8 +73,13 @@ def test_vgg_layer_groups_and_identity_insertion(vgg_pair):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain(x), with_cbam(x))
-    assert [r["shape"] for r in stage_table(with_cbam)] == [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2),
-                                                            (512, 1, 1)]
+    assert [r["shape"] for r in stage_table(with_cbam)] == [
+        (64, 16, 16),
+        (128, 8, 8),
+        (256, 4, 4),
+        (512, 2, 2),
+        (512, 1, 1),
+    ]
 
 
 def test_bad_arguments_are_refused():
@@ -161,7 +169,9 @@ def test_pretrained_or_random_falls_back_loudly(torch_home, no_network, capsys):
     assert "RANDOM" in capsys.readouterr().out
 
 
-def test_imagenet_from_cache_loads_without_network(self_hashed_imagenet, no_network, resnet18_state_file, capsys):
+def test_imagenet_from_cache_loads_without_network(
+    self_hashed_imagenet, no_network, resnet18_state_file, capsys
+):
     cache = self_hashed_imagenet
     model = resnet18_cbam(weights="imagenet", placement="block")
     assert str(cache) in capsys.readouterr().out
@@ -183,7 +193,9 @@ def test_imagenet_from_cache_loads_without_network(self_hashed_imagenet, no_netw
 
 def test_other_models_weights_are_refused(tmp_path):
     vgg_like = tmp_path / "vgg16_features.pth"
-    vgg16_features = tvm.vgg.make_layers(tvm.vgg.cfgs["D"])  # VGG16's conv layers, without its huge classifier
+    vgg16_features = tvm.vgg.make_layers(
+        tvm.vgg.cfgs["D"]
+    )  # VGG16's conv layers, without its huge classifier
     torch.save(vgg16_features.state_dict(prefix="features."), vgg_like)
     with pytest.raises(WeightsError, match="not a torchvision resnet18 state_dict"):
         resnet18_cbam(weights=vgg_like)

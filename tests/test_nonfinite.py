@@ -4,12 +4,13 @@
 AdamW's ``found_inf`` skips the steps from the bad batch on). The CPU's fused AdamW honours ``found_inf``
 too, so both ways run here: ``DEFER_ON`` patched to include "cpu" takes the CUDA way.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from _helpers import HookedLoader, random_images, reference_model
+
 from course_utils import data as cdata
 from course_utils.finetune import Schedule, Stage
 from course_utils.train import NonFiniteLossWatch, TrainingDiverged, fit
@@ -19,8 +20,10 @@ BATCHES = 6
 
 def loaders():
     images, labels = random_images(BATCHES * 8 + 16, seed=1)
-    return (cdata.TensorLoader(images[:BATCHES * 8], labels[:BATCHES * 8], 8, train=True, device="cpu", seed=0),
-            cdata.TensorLoader(images[BATCHES * 8:], labels[BATCHES * 8:], 16, train=False, device="cpu"))
+    return (
+        cdata.TensorLoader(images[: BATCHES * 8], labels[: BATCHES * 8], 8, train=True, device="cpu", seed=0),
+        cdata.TensorLoader(images[BATCHES * 8 :], labels[BATCHES * 8 :], 16, train=False, device="cpu"),
+    )
 
 
 def nan_at(epoch_bad, batch_bad, handed_out):
@@ -30,6 +33,7 @@ def nan_at(epoch_bad, batch_bad, handed_out):
         if epoch == epoch_bad and i == batch_bad:
             images, labels = batch
             return torch.full_like(images, float("nan")), labels
+
     return hook
 
 
@@ -42,6 +46,7 @@ def run_until_nan(batch_bad, where, monkeypatch):
     def spy_init(self, optimizer, *args, **kwargs):
         original_init(self, optimizer, *args, **kwargs)
         hooked_opts.append((optimizer, self.defer))
+
     monkeypatch.setattr(NonFiniteLossWatch, "__init__", spy_init)
     torch.manual_seed(0)
     model = reference_model(None)
@@ -49,8 +54,14 @@ def run_until_nan(batch_bad, where, monkeypatch):
     train_loader, val_loader = loaders()
     schedule = Schedule([Stage("head", 1, "new", 1e-3), Stage("all", 2, "all", 1e-4)])
     with pytest.raises(TrainingDiverged) as info:
-        fit(model, schedule, HookedLoader(train_loader, nan_at(2, batch_bad, handed_out)), val_loader,
-            progress=False, device="cpu")
+        fit(
+            model,
+            schedule,
+            HookedLoader(train_loader, nan_at(2, batch_bad, handed_out)),
+            val_loader,
+            progress=False,
+            device="cpu",
+        )
     optimizer, deferred = hooked_opts[-1]
     assert deferred == (where == "device")
     assert not hasattr(optimizer, "found_inf"), "the optimizer must be unhooked after the epoch"
@@ -100,6 +111,7 @@ def test_the_device_check_needs_no_host_sync_per_step(monkeypatch):
 
     def no_sync(*args):
         raise AssertionError("the host read a device value")
+
     with monkeypatch.context() as m:
         for name in ("item", "__bool__", "tolist", "cpu"):
             m.setattr(torch.Tensor, name, no_sync)

@@ -5,6 +5,7 @@ whichever of ``TRAIN_SIZE`` / ``VAL_SIZE`` / ``BATCH_SIZE`` its parameters cell 
 papermill injected them, that the printed configuration shows them, and that no cell failed. Notebooks are
 found by glob, so a new one is tested without touching this file.
 """
+
 from __future__ import annotations
 
 import ast
@@ -63,8 +64,12 @@ def output_text(nb: dict) -> str:
 
 
 def errors(nb: dict) -> list[str]:
-    return [f"cell {i}: {out.get('ename')}: {out.get('evalue')}" for i, cell in enumerate(nb["cells"])
-            for out in cell.get("outputs", []) if out["output_type"] == "error"]
+    return [
+        f"cell {i}: {out.get('ename')}: {out.get('evalue')}"
+        for i, cell in enumerate(nb["cells"])
+        for out in cell.get("outputs", [])
+        if out["output_type"] == "error"
+    ]
 
 
 ids = [p.name for p in NOTEBOOKS]
@@ -73,7 +78,9 @@ ids = [p.name for p in NOTEBOOKS]
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_exactly_one_parameters_cell(path):
     cells = [c for c in read(path)["cells"] if "parameters" in tags(c)]
-    assert len(cells) == 1, f"{path.name} has {len(cells)} cells tagged 'parameters' (papermill needs exactly one)"
+    assert len(cells) == 1, (
+        f"{path.name} has {len(cells)} cells tagged 'parameters' (papermill needs exactly one)"
+    )
     assert cells[0]["cell_type"] == "code"
     assert "PRESET" in assigned("".join(cells[0]["source"])), "the parameters cell should define PRESET"
 
@@ -106,8 +113,15 @@ def execute_smoke(path: Path, out_dir: Path) -> Path:
     before = os.environ.get("COURSE_RESULTS")
     os.environ["COURSE_RESULTS"] = str(results)  # saved runs go to tmp, not the repository
     try:
-        papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, kernel_name="python3",
-                                   cwd=str(NOTEBOOK_DIR), progress_bar=False, execution_timeout=600)
+        papermill.execute_notebook(
+            str(path),
+            str(out_dir / path.name),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(NOTEBOOK_DIR),
+            progress_bar=False,
+            execution_timeout=600,
+        )
     finally:
         if before is None:
             os.environ.pop("COURSE_RESULTS", None)
@@ -130,8 +144,11 @@ def test_notebook_runs_with_papermill_overrides(path, smoke_notebooks):
     assert assigned("".join(injected[0]["source"])) == parameters
 
     printed = output_text(executed)
-    assert re.search(r"""['"]?preset['"]?\s*[:=]\s*['"]?smoke\b""", printed), "the printed cfg does not show the smoke preset"
+    assert re.search(r"""['"]?preset['"]?\s*[:=]\s*['"]?smoke\b""", printed), (
+        "the printed cfg does not show the smoke preset"
+    )
     for name, value in overrides.items():
         key = name.lower()
-        assert re.search(rf"""['"]?{key}['"]?\s*[:=]\s*{value}\b""", printed), \
+        assert re.search(rf"""['"]?{key}['"]?\s*[:=]\s*{value}\b""", printed), (
             f"{name}={value} was injected but the printed cfg does not show {key} = {value}"
+        )

@@ -1,5 +1,6 @@
 """pyproject.toml declares ranges; constraints.txt pins the tested stack; environment.yml, .ci/run, the
 bootstrap and the README all go through constraints.txt; installing into an env with a suitable torch keeps it."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
-from course_utils import bootstrap
+from course_utils.machinery import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTED = {"torch": "2.14.1", "torchvision": "0.29.1"}
@@ -74,13 +75,17 @@ def test_constraints_pin_every_requirement_and_satisfy_the_ranges(pyproject, con
     for name, req in requirements(pyproject).items():
         assert name in constraints, f"{name} (pyproject.toml) has no pin in constraints.txt"
         version = pinned(constraints[name])
-        assert req.specifier.contains(version), f"constraints.txt's {name}=={version} is outside pyproject's {req}"
+        assert req.specifier.contains(version), (
+            f"constraints.txt's {name}=={version} is outside pyproject's {req}"
+        )
 
 
 def test_pyproject_declares_ranges_not_pins(pyproject):
     reqs = requirements(pyproject)
     for name in TESTED:
-        assert not any(s.operator == "==" for s in reqs[name].specifier), f"{name} must be a range: {reqs[name]}"
+        assert not any(s.operator == "==" for s in reqs[name].specifier), (
+            f"{name} must be a range: {reqs[name]}"
+        )
 
 
 @pytest.mark.parametrize("versions", [TESTED, OLDER_SUPPORTED], ids=["tested", "older-supported"])
@@ -88,7 +93,9 @@ def test_ranges_accept_the_tested_and_an_older_supported_torch(pyproject, versio
     reqs = requirements(pyproject)
     for name, version in versions.items():
         assert reqs[name].specifier.contains(version), f"{reqs[name]} refuses {name} {version}"
-        assert reqs[name].specifier.contains(version + "+cu126"), "a CUDA build's local version must be accepted"
+        assert reqs[name].specifier.contains(version + "+cu126"), (
+            "a CUDA build's local version must be accepted"
+        )
 
 
 def test_ranges_refuse_a_torch_without_fused_adamw_on_the_cpu(pyproject):
@@ -115,7 +122,12 @@ def test_environment_installs_through_the_constraints_file(environment, pyprojec
 
 
 def test_bootstrap_ci_and_readme_use_the_constraints_file():
-    assert bootstrap.install_command("py", constrained=True)[4:] == ["-c", "constraints.txt", "-e", ".[course]"]
+    assert bootstrap.install_command("py", constrained=True)[4:] == [
+        "-c",
+        "constraints.txt",
+        "-e",
+        ".[course]",
+    ]
     assert "python3 -m course_utils test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "constraints.txt" in readme and "python -m course_utils test" in readme
@@ -124,7 +136,9 @@ def test_bootstrap_ci_and_readme_use_the_constraints_file():
 def test_license_is_an_spdx_string_and_setuptools_can_read_it(pyproject):
     assert pyproject["project"]["license"] == "MIT"
     assert not any("License ::" in c for c in pyproject["project"].get("classifiers", ()))
-    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    (setuptools,) = [
+        Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")
+    ]
     assert not setuptools.specifier.contains("76.1"), "SPDX license strings need setuptools >= 77"
 
 
@@ -143,12 +157,32 @@ def test_installing_the_course_keeps_the_installed_torch(tmp_path):
 
     report = tmp_path / "report.json"
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
-                             "--report", str(report), "--quiet", str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-build-isolation",
+            "--report",
+            str(report),
+            "--quiet",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     seconds = time.perf_counter() - start
-    assert result.returncode == 0, f"pip could not resolve the course against torch {torch.__version__}:\n{result.stderr}"
-    would_install = {norm(item["metadata"]["name"]): item["metadata"]["version"]
-                     for item in json.loads(report.read_text())["install"]}
+    assert result.returncode == 0, (
+        f"pip could not resolve the course against torch {torch.__version__}:\n{result.stderr}"
+    )
+    would_install = {
+        norm(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     assert "torch" not in would_install and "torchvision" not in would_install, would_install
     assert set(would_install) <= {"course-utils"}, f"pip would also install {would_install}"
     assert seconds < 60, f"the resolution took {seconds:.0f} s"

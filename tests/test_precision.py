@@ -1,8 +1,9 @@
-"""bf16/fp32 and channels_last on the CPU: measured once per machine, cached, overridable (course_utils.precision).
+"""bf16/fp32 and channels_last on the CPU: measured once per machine, cached, overridable (course_utils.machinery.precision).
 
 The measurement's own timings are replaced by a fake clock (an injected timer that a model advances by
 what each candidate "costs"), so the tests know which candidate must win and run in milliseconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,26 @@ import warnings
 
 import pytest
 import torch
+from _helpers import make_loaders, random_images
 from torch import nn
 
-from _helpers import make_loaders, random_images
-from course_utils import precision, train
+from course_utils import train
 from course_utils.finetune import Schedule, Stage
+from course_utils.machinery import precision
 from course_utils.models import resnet18_cbam
 
-FP32_FASTEST = {"fp32 NCHW": 300.0, "fp32 channels_last": 400.0, "bf16 NCHW": 200.0, "bf16 channels_last": 350.0}
-BF16_FASTEST = {"fp32 NCHW": 300.0, "fp32 channels_last": 320.0, "bf16 NCHW": 380.0, "bf16 channels_last": 500.0}
+FP32_FASTEST = {
+    "fp32 NCHW": 300.0,
+    "fp32 channels_last": 400.0,
+    "bf16 NCHW": 200.0,
+    "bf16 channels_last": 350.0,
+}
+BF16_FASTEST = {
+    "fp32 NCHW": 300.0,
+    "fp32 channels_last": 320.0,
+    "bf16 NCHW": 380.0,
+    "bf16 channels_last": 500.0,
+}
 
 
 class FakeMeasure:
@@ -66,7 +78,11 @@ def test_measures_once_then_reads_the_cache_also_in_a_new_process(bf16_cpu, monk
     assert len(fake.calls) == 1 and again.source["amp"] == "cached"
     monkeypatch.setattr(precision, "_MEMO", {})  # a new process: only the file remains
     fresh = precision.choose("cpu", model, 32, 64, measure_fn=fake)
-    assert len(fake.calls) == 1 and (fresh.amp, fresh.channels_last) == (False, True) and fresh.source["amp"] == "cached"
+    assert (
+        len(fake.calls) == 1
+        and (fresh.amp, fresh.channels_last) == (False, True)
+        and fresh.source["amp"] == "cached"
+    )
 
 
 def test_cache_key_holds_cpu_torch_model_kind_size_and_threads(bf16_cpu, monkeypatch):
@@ -74,8 +90,11 @@ def test_cache_key_holds_cpu_torch_model_kind_size_and_threads(bf16_cpu, monkeyp
     cifar, imagenet = small_model("cifar"), small_model("imagenet")
     base = precision.cache_key(cifar, 32)
     assert precision.cache_key(cifar, (32, 32)) == base
-    others = {precision.cache_key(imagenet, 32), precision.cache_key(cifar, 64),
-              precision.cache_key(cifar, 32, threads=torch.get_num_threads() + 1)}
+    others = {
+        precision.cache_key(imagenet, 32),
+        precision.cache_key(cifar, 64),
+        precision.cache_key(cifar, 32, threads=torch.get_num_threads() + 1),
+    }
     monkeypatch.setattr(torch, "__version__", "2.11.0")
     others.add(precision.cache_key(cifar, 32))
     monkeypatch.setattr(precision, "cpu_name", lambda: "AMD EPYC 9B14")
@@ -134,7 +153,10 @@ def test_no_measurement_where_bf16_is_emulated_or_measuring_is_off(bf16_cpu, mon
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     choice = precision.choose("cpu", small_model(), 32, 64, measure_fn=fake)
-    assert (choice.amp, choice.channels_last) == (False, True) and fake.calls == []  # fp32; ResNet: channels_last
+    assert (choice.amp, choice.channels_last) == (
+        False,
+        True,
+    ) and fake.calls == []  # fp32; ResNet: channels_last
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setenv("COURSE_PRECISION", "rule")
     choice = precision.choose("cpu", small_model(), 32, 64, measure_fn=fake)
@@ -143,8 +165,16 @@ def test_no_measurement_where_bf16_is_emulated_or_measuring_is_off(bf16_cpu, mon
     assert not bf16_cpu.exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 1, "entries": {"k": {"images_per_s": {"x": 1}}}}',
-                                     '{"version": 1, "entries": 7}', "\udcff"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"version": 1, "entries": {"k": {"images_per_s": {"x": 1}}}}',
+        '{"version": 1, "entries": 7}',
+        "\udcff",
+    ],
+)
 def test_corrupted_cache_is_ignored_and_rewritten(bf16_cpu, content):
     bf16_cpu.parent.mkdir(parents=True)
     bf16_cpu.write_text(content, encoding="utf-8", errors="surrogateescape")
@@ -188,11 +218,20 @@ class Clocked(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("cost, winner", [
-    ({(False, False): 4.0, (False, True): 3.0, (True, False): 2.0, (True, True): 1.0}, "bf16 channels_last"),
-    ({(False, False): 2.0, (False, True): 1.0, (True, False): 4.0, (True, True): 3.0}, "fp32 channels_last"),
-    ({(False, False): 1.0, (False, True): 2.0, (True, False): 2.0, (True, True): 2.0}, "fp32 NCHW"),
-])
+@pytest.mark.parametrize(
+    "cost, winner",
+    [
+        (
+            {(False, False): 4.0, (False, True): 3.0, (True, False): 2.0, (True, True): 1.0},
+            "bf16 channels_last",
+        ),
+        (
+            {(False, False): 2.0, (False, True): 1.0, (True, False): 4.0, (True, True): 3.0},
+            "fp32 channels_last",
+        ),
+        ({(False, False): 1.0, (False, True): 2.0, (True, False): 2.0, (True, True): 2.0}, "fp32 NCHW"),
+    ],
+)
 def test_measurement_picks_the_faster_of_fake_timings(bf16_cpu, cost, winner):
     Clocked.cost = cost
     model = Clocked()
@@ -205,10 +244,17 @@ def test_measurement_picks_the_faster_of_fake_timings(bf16_cpu, cost, winner):
     assert max(figures, key=figures.get) == winner
     assert torch.equal(torch.get_rng_state(), rng), "the measurement moved the caller's random stream"
     assert calls == [], "the user's forward hook saw the probe's passes"
-    assert all(not p.is_contiguous(memory_format=torch.channels_last) or p.ndim < 4 or p.is_contiguous()
-               for p in model.parameters()), "the measurement changed the caller's model layout"
-    choice = precision.choose("cpu", model, 32, 8, measure_fn=lambda m, s, b: precision.measure(
-        m, s, b, timer=lambda: Clocked.now[0]))
+    assert all(
+        not p.is_contiguous(memory_format=torch.channels_last) or p.ndim < 4 or p.is_contiguous()
+        for p in model.parameters()
+    ), "the measurement changed the caller's model layout"
+    choice = precision.choose(
+        "cpu",
+        model,
+        32,
+        8,
+        measure_fn=lambda m, s, b: precision.measure(m, s, b, timer=lambda: Clocked.now[0]),
+    )
     assert (choice.amp, choice.channels_last) == precision.CANDIDATES[winner]
 
 
@@ -251,23 +297,49 @@ def test_describe_names_the_cached_choice(bf16_cpu):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("amp_flag, want_amp, want_source", [("auto", False, "measured"), ("on", True, "argument")])
-def test_bench_reports_the_choice_and_its_figures(bf16_cpu, monkeypatch, tmp_path, capsys, amp_flag, want_amp,
-                                                  want_source):
-    from course_utils import __main__ as cli
+@pytest.mark.parametrize(
+    "amp_flag, want_amp, want_source", [("auto", False, "measured"), ("on", True, "argument")]
+)
+def test_bench_reports_the_choice_and_its_figures(
+    bf16_cpu, monkeypatch, tmp_path, capsys, amp_flag, want_amp, want_source
+):
+    from course_utils.machinery import cli
 
     fake = FakeMeasure(FP32_FASTEST)
     monkeypatch.setattr(precision, "measure", fake)
     out = tmp_path / "bench.json"
-    cli.main(["bench", "--device", "cpu", "--images", "32", "--batch-size", "16", "--repeats", "1", "--workers", "0",
-              "--synthetic", "--no-lesson", "--no-progress", "--amp", amp_flag, "--json", str(out)])
+    cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--images",
+            "32",
+            "--batch-size",
+            "16",
+            "--repeats",
+            "1",
+            "--workers",
+            "0",
+            "--synthetic",
+            "--no-lesson",
+            "--no-progress",
+            "--amp",
+            amp_flag,
+            "--json",
+            str(out),
+        ]
+    )
     config = json.loads(out.read_text())["config"]
     assert config["course_amp"] is want_amp and config["course_channels_last"] is True
     assert config["precision"]["source"] == {"amp": want_source, "channels_last": "measured"}
     assert config["precision"]["images_per_s"] == FP32_FASTEST and len(fake.calls) == 1
     printed = capsys.readouterr().out
-    assert f"precision choice: {'bf16 autocast' if want_amp else 'fp32'} ({want_source}), channels_last (measured)" \
-        in printed and "fp32 channels_last 400" in printed
+    assert (
+        f"precision choice: {'bf16 autocast' if want_amp else 'fp32'} ({want_source}), channels_last (measured)"
+        in printed
+        and "fp32 channels_last 400" in printed
+    )
 
 
 def test_bf16_only_where_it_pays(bf16_cpu):

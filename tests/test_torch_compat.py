@@ -9,6 +9,7 @@ differs only cosmetically (fused kernels on "cpu" and "cuda", ``found_inf`` hono
 ``weights_only`` defaults to True in both. The tests below pin what ``course_utils`` relies on and check the
 fallbacks where an attribute is private or may be missing in other versions.
 """
+
 from __future__ import annotations
 
 import ast
@@ -65,8 +66,13 @@ def test_an_optimizer_without_a_fused_default_is_checked_on_the_host(monkeypatch
 def torch_load_calls():
     for path in sorted(PACKAGE.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
                 yield path.name, node
 
 
@@ -75,8 +81,9 @@ def test_every_torch_load_says_weights_only():
     calls = list(torch_load_calls())
     assert calls, "expected torch.load calls in course_utils"
     for name, call in calls:
-        assert any(k.arg == "weights_only" for k in call.keywords), \
+        assert any(k.arg == "weights_only" for k in call.keywords), (
             f"{name}:{call.lineno}: torch.load without weights_only"
+        )
 
 
 def test_torchvision_cifar10_has_what_the_local_copy_reader_replaces():

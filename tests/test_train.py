@@ -4,6 +4,7 @@ One short reference run (3 stages over 4 epochs, differential learning rates, a 
 once per module and recorded — state after every epoch, the learning rates and BatchNorm modes at every
 optimizer step — and several tests read it. The resume tests compare other runs with it bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import (
+    HookedLoader,
+    differing,
+    expected_group,
+    group_state,
+    make_loaders,
+    random_images,
+    reference_loaders,
+    reference_model,
+    reference_schedule,
+)
 
-from _helpers import (HookedLoader, differing, expected_group, group_state, make_loaders, random_images,
-                      reference_loaders, reference_model, reference_schedule)
-from course_utils import presets, train
+from course_utils import train
 from course_utils.finetune import Schedule, Stage, make_optimizer, one_stage_schedule
+from course_utils.machinery import presets
 from course_utils.models import resnet18_cbam
 from course_utils.train import COLUMNS, CheckpointError, History, TrainingDiverged, fit, load_checkpoint
 
@@ -61,19 +72,43 @@ def reference(tmp_path_factory, resnet18_state_file):
             lrs.setdefault(g["group"], set()).add(g["lr"])
         with_grad = {expected_group(n) for n, p in model.named_parameters() if p.grad is not None}
         requires = {expected_group(n) for n, p in model.named_parameters() if p.requires_grad}
-        bn_training = {expected_group(n) for n, m in model.named_modules()
-                       if isinstance(m, torch.nn.BatchNorm2d) and m.training}
-        steps.append({"lr": lrs, "with_grad": with_grad, "requires_grad": requires, "bn_training": bn_training})
+        bn_training = {
+            expected_group(n)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d) and m.training
+        }
+        steps.append(
+            {"lr": lrs, "with_grad": with_grad, "requires_grad": requires, "bn_training": bn_training}
+        )
         return original_step(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.AdamW, "step", recording_step)
-        history = fit(model, schedule, train, val, checkpoint=ckpt, progress=False, device="cpu",
-                      on_epoch_end=on_epoch_end)
-    return {"model": model, "history": history, "schedule": schedule, "plans": schedule.plan_for(model),
-            "snapshots": snapshots, "ckpt": ckpt, "ckpt_epochs": ckpt_epochs, "steps": steps,
-            "epoch_of_step": epoch_of_step, "final": final_state(model),
-            "bn_groups": {expected_group(n) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}}
+        history = fit(
+            model,
+            schedule,
+            train,
+            val,
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+            on_epoch_end=on_epoch_end,
+        )
+    return {
+        "model": model,
+        "history": history,
+        "schedule": schedule,
+        "plans": schedule.plan_for(model),
+        "snapshots": snapshots,
+        "ckpt": ckpt,
+        "ckpt_epochs": ckpt_epochs,
+        "steps": steps,
+        "epoch_of_step": epoch_of_step,
+        "final": final_state(model),
+        "bn_groups": {
+            expected_group(n) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+        },
+    }
 
 
 # ------------------------------------------------------------------------------ frozen means frozen
@@ -86,13 +121,20 @@ def test_frozen_groups_are_bit_identical_during_each_stage(reference):
         for group in groups:
             changed = differing(before[group], after[group])
             if group in plan.trainable:
-                params = [n for n in changed if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+                params = [
+                    n
+                    for n in changed
+                    if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                ]
                 assert params, f"epoch {plan.epoch}: trainable group {group} did not change"
                 if group in reference["bn_groups"]:
-                    assert any(n.endswith("running_mean") for n in changed), \
+                    assert any(n.endswith("running_mean") for n in changed), (
                         f"epoch {plan.epoch}: trainable {group}'s BatchNorm statistics did not update"
+                    )
             else:
-                assert changed == [], f"epoch {plan.epoch} ({plan.stage}): frozen group {group} changed: {changed[:5]}"
+                assert changed == [], (
+                    f"epoch {plan.epoch} ({plan.stage}): frozen group {group} changed: {changed[:5]}"
+                )
     # the schedule really freezes something in stages 1 and 2 and then trains it
     assert differing(snaps[0]["layer1"], snaps[3]["layer1"]) == []
     assert differing(snaps[3]["layer1"], snaps[4]["layer1"]) != []
@@ -119,7 +161,15 @@ EXPECTED_LR = [  # three_stage_schedule(differential=True): new = cbam+head, 10x
     {"stem": 0, "layer1": 0, "layer2": 0, "layer3": 0, "layer4": 0, "cbam": 1e-3, "head": 1e-3},
     {"stem": 0, "layer1": 0, "layer2": 0, "layer3": 1e-4, "layer4": 1e-4, "cbam": 1e-3, "head": 1e-3},
     {"stem": 0, "layer1": 0, "layer2": 0, "layer3": 1e-4, "layer4": 1e-4, "cbam": 1e-3, "head": 1e-3},
-    {"stem": 1e-5, "layer1": 1e-5, "layer2": 1e-5, "layer3": 1e-5, "layer4": 1e-5, "cbam": 1e-4, "head": 1e-4},
+    {
+        "stem": 1e-5,
+        "layer1": 1e-5,
+        "layer2": 1e-5,
+        "layer3": 1e-5,
+        "layer4": 1e-5,
+        "cbam": 1e-4,
+        "head": 1e-4,
+    },
 ]
 
 
@@ -168,16 +218,28 @@ def test_resume_after_interrupt_matches_uninterrupted_run(reference, resnet18_st
     train, val = reference_loaders()
     interrupted = reference_model(resnet18_state_file)
     with pytest.raises(KeyboardInterrupt):
-        fit(interrupted, reference_schedule(), train, val, checkpoint=ckpt, progress=False, device="cpu",
-            on_epoch_end=stop_after_first)
+        fit(
+            interrupted,
+            reference_schedule(),
+            train,
+            val,
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+            on_epoch_end=stop_after_first,
+        )
     assert load_checkpoint(ckpt)["epoch"] == 1
     # an interrupted fit leaves nothing frozen and no module half in train mode
     assert all(p.requires_grad for p in interrupted.parameters())
     assert not any(m.training for m in interrupted.modules())
     train, val = reference_loaders()
     model = reference_model(resnet18_state_file)
-    history = fit(model, reference_schedule(), train, val, checkpoint=ckpt, resume=True, progress=False, device="cpu")
-    assert differing(final_state(model), reference["final"]) == [], "resumed weights differ from the uninterrupted run"
+    history = fit(
+        model, reference_schedule(), train, val, checkpoint=ckpt, resume=True, progress=False, device="cpu"
+    )
+    assert differing(final_state(model), reference["final"]) == [], (
+        "resumed weights differ from the uninterrupted run"
+    )
     assert comparable(history) == comparable(reference["history"])
 
 
@@ -185,8 +247,18 @@ def test_resume_after_interrupt_matches_uninterrupted_run(reference, resnet18_st
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, resnet18_state_file, tmp_path):
     ckpt, marker, log = tmp_path / "run.ckpt", tmp_path / "stalled", tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(TESTS / "_train_worker.py"), str(resnet18_state_file), str(ckpt),
-                                 str(marker), "3"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "_train_worker.py"),
+                str(resnet18_state_file),
+                str(ckpt),
+                str(marker),
+                "3",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
@@ -205,8 +277,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, resnet18_stat
     assert state["epoch"] == 2 and [r["epoch"] for r in state["history"].rows] == [1, 2]
     train, val = reference_loaders()
     model = reference_model(resnet18_state_file)
-    history = fit(model, reference_schedule(), train, val, checkpoint=ckpt, resume=True, progress=False, device="cpu")
-    assert differing(final_state(model), reference["final"]) == [], "resumed weights differ from the uninterrupted run"
+    history = fit(
+        model, reference_schedule(), train, val, checkpoint=ckpt, resume=True, progress=False, device="cpu"
+    )
+    assert differing(final_state(model), reference["final"]) == [], (
+        "resumed weights differ from the uninterrupted run"
+    )
     assert comparable(history) == comparable(reference["history"])
 
 
@@ -216,8 +292,15 @@ def test_finished_checkpoint_resumes_without_training(reference, resnet18_state_
     steps = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
     model = reference_model(resnet18_state_file)
-    history = fit(model, reference_schedule(), *reference_loaders(), checkpoint=ckpt, resume=True, progress=False,
-                  device="cpu")
+    history = fit(
+        model,
+        reference_schedule(),
+        *reference_loaders(),
+        checkpoint=ckpt,
+        resume=True,
+        progress=False,
+        device="cpu",
+    )
     assert steps == [] and len(history) == 4
     assert differing(final_state(model), reference["final"]) == []
 
@@ -229,8 +312,14 @@ def test_existing_checkpoint_is_never_overwritten(reference, resnet18_state_file
     steps = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
     with pytest.raises(CheckpointError, match="resume=True"):
-        fit(reference_model(resnet18_state_file), reference_schedule(), *reference_loaders(), checkpoint=ckpt,
-            progress=False, device="cpu")
+        fit(
+            reference_model(resnet18_state_file),
+            reference_schedule(),
+            *reference_loaders(),
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+        )
     assert ckpt.read_bytes() == blob and steps == []
 
 
@@ -238,31 +327,60 @@ def test_checkpoint_of_another_schedule_or_model_is_refused(reference, resnet18_
     ckpt = tmp_path / "other.ckpt"
     shutil.copy(reference["ckpt"], ckpt)
     with pytest.raises(CheckpointError, match="another schedule"):
-        fit(reference_model(resnet18_state_file), one_stage_schedule(4, 1e-4), *reference_loaders(),
-            checkpoint=ckpt, resume=True, progress=False, device="cpu")
+        fit(
+            reference_model(resnet18_state_file),
+            one_stage_schedule(4, 1e-4),
+            *reference_loaders(),
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+            device="cpu",
+        )
     with pytest.raises(CheckpointError, match="another model"):
-        fit(resnet18_cbam(placement=None), reference_schedule(), *reference_loaders(), checkpoint=ckpt,
-            resume=True, progress=False, device="cpu")
+        fit(
+            resnet18_cbam(placement=None),
+            reference_schedule(),
+            *reference_loaders(),
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+            device="cpu",
+        )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupted_checkpoint_on_resume_names_the_file(reference, resnet18_state_file, tmp_path, damage):
     ckpt = tmp_path / f"{damage}.ckpt"
     blob = reference["ckpt"].read_bytes()
-    ckpt.write_bytes({"truncated": blob[: len(blob) // 2], "garbage": b"not a checkpoint" * 100, "empty": b""}[damage])
+    ckpt.write_bytes(
+        {"truncated": blob[: len(blob) // 2], "garbage": b"not a checkpoint" * 100, "empty": b""}[damage]
+    )
     model = reference_model(resnet18_state_file)
     before = final_state(model)
     with pytest.raises(CheckpointError) as info:
-        fit(model, reference_schedule(), *reference_loaders(), checkpoint=ckpt, resume=True, progress=False,
-            device="cpu")
+        fit(
+            model,
+            reference_schedule(),
+            *reference_loaders(),
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+            device="cpu",
+        )
     assert str(ckpt) in str(info.value)
     assert differing(before, final_state(model)) == []
 
 
 def test_resume_needs_a_checkpoint_path(resnet18_state_file):
     with pytest.raises(ValueError, match="checkpoint"):
-        fit(reference_model(resnet18_state_file), reference_schedule(), *reference_loaders(), resume=True,
-            progress=False, device="cpu")
+        fit(
+            reference_model(resnet18_state_file),
+            reference_schedule(),
+            *reference_loaders(),
+            resume=True,
+            progress=False,
+            device="cpu",
+        )
 
 
 # ------------------------------------------------------------------------------ divergence
@@ -271,6 +389,7 @@ def nan_from_epoch(epoch_bad):
         if epoch >= epoch_bad and i != "end":
             images, labels = batch
             return torch.full_like(images, float("nan")), labels
+
     return hook
 
 
@@ -278,8 +397,15 @@ def test_nan_images_raise_and_keep_last_good_checkpoint(reference, resnet18_stat
     ckpt = tmp_path / "run.ckpt"
     train, val = reference_loaders()
     with pytest.raises(TrainingDiverged, match=r"nan in epoch 2") as info:
-        fit(reference_model(resnet18_state_file), reference_schedule(), HookedLoader(train, nan_from_epoch(2)), val,
-            checkpoint=ckpt, progress=False, device="cpu")
+        fit(
+            reference_model(resnet18_state_file),
+            reference_schedule(),
+            HookedLoader(train, nan_from_epoch(2)),
+            val,
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+        )
     assert str(ckpt) in str(info.value) and "epoch 1" in str(info.value)
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1
@@ -300,8 +426,15 @@ def test_nan_weights_after_the_last_step_are_not_checkpointed(resnet18_state_fil
 
     train, val = reference_loaders()
     with pytest.raises(TrainingDiverged, match="fc.weight") as info:
-        fit(model, reference_schedule(), HookedLoader(train, break_weights), val, checkpoint=ckpt, progress=False,
-            device="cpu")
+        fit(
+            model,
+            reference_schedule(),
+            HookedLoader(train, break_weights),
+            val,
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+        )
     assert "epoch 2" in str(info.value)
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1
@@ -312,8 +445,14 @@ def test_huge_learning_rate_diverges_cleanly(resnet18_state_file, tmp_path):
     ckpt = tmp_path / "run.ckpt"
     schedule = Schedule([Stage("ok", 1, "new", 1e-3), Stage("boom", 4, "all", 1e6)])
     with pytest.raises(TrainingDiverged) as info:
-        fit(reference_model(resnet18_state_file), schedule, *reference_loaders(), checkpoint=ckpt, progress=False,
-            device="cpu")
+        fit(
+            reference_model(resnet18_state_file),
+            schedule,
+            *reference_loaders(),
+            checkpoint=ckpt,
+            progress=False,
+            device="cpu",
+        )
     message = str(info.value)
     assert "boom" in message and "Lower the learning rate" in message
     state = load_checkpoint(ckpt)
@@ -335,7 +474,9 @@ def test_short_fit_on_the_shipped_subset_beats_chance(cifar_subset):
     torch.manual_seed(0)
     model = resnet18_cbam(placement="stage")
     train, val = make_loaders(cifar_subset, 32, device="cpu", seed=0)
-    history = fit(model, one_stage_schedule(3, 1e-3), train, val, progress=False, device="cpu", channels_last=False)
+    history = fit(
+        model, one_stage_schedule(3, 1e-3), train, val, progress=False, device="cpu", channels_last=False
+    )
     losses, accs = history["train_loss"], history["val_acc"]
     assert len(cifar_subset.val_labels) == 200
     assert losses[-1] < math.log(10) - 0.2 and losses[-1] < losses[0], losses
@@ -347,11 +488,15 @@ def stem_conv_dtypes(model) -> list[tuple[bool, torch.dtype]]:
     """Fills with ``(training, output dtype)`` of the stem's convolution at every forward pass."""
     dtypes = []
     stem_conv = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
-    stem_conv.register_forward_hook(lambda module, inputs, output: dtypes.append((module.training, output.dtype)))
+    stem_conv.register_forward_hook(
+        lambda module, inputs, output: dtypes.append((module.training, output.dtype))
+    )
     return dtypes
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)]
+)
 def test_bf16_by_default_only_on_cpus_that_have_it(monkeypatch, avx512_bf16, amx, expected):
     """Emulated bf16 (a laptop with AVX2 only) is slower than fp32, so fit's default stays fp32 there."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -368,7 +513,9 @@ def test_amp_switches_the_convolutions_to_bf16_in_training_and_evaluation(amp):
     images, labels = random_images(64)
     train_loader, val_loader = make_loaders(images, labels, batch_size=32)
     dtypes = stem_conv_dtypes(model)
-    history = fit(model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False, amp=amp)
+    history = fit(
+        model, one_stage_schedule(1, 1e-3), train_loader, val_loader, device="cpu", progress=False, amp=amp
+    )
     want = torch.bfloat16 if amp else torch.float32
     assert {d for training, d in dtypes if training} == {want}, dtypes
     assert {d for training, d in dtypes if not training} == {want}, dtypes

@@ -1,4 +1,5 @@
 """models.transplant: a trained plain ResNet18 moved into CBAM models keeps every backbone weight."""
+
 from __future__ import annotations
 
 import re

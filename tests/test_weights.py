@@ -5,6 +5,7 @@ A generated state_dict cannot match torchvision's real hash (f37072fd), so the t
 after its own hash (fixture ``self_hashed_imagenet``, which points torchvision's URL at that name) or
 check that a file under the real name is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from torchvision.datasets import CIFAR10
 
 from course_utils import data as cdata
 from course_utils import models as cm
-from course_utils.downloads import mirror_url, sha256_prefix_in_name
+from course_utils.machinery.downloads import mirror_url, sha256_prefix_in_name
 from course_utils.models import WeightsError, resnet18_cbam, vgg16_cbam
 
 REAL_FILE = "resnet18-f37072fd.pth"
@@ -37,10 +38,21 @@ def sha8(path) -> str:
 
 
 # ------------------------------------------------------------------------------ names and enums
-@pytest.mark.parametrize("weights", [tvm.ResNet18_Weights.IMAGENET1K_V1, tvm.ResNet18_Weights.DEFAULT, "IMAGENET1K_V1",
-                                     "DEFAULT", "default", "imagenet", "ResNet18_Weights.IMAGENET1K_V1"])
-def test_torchvision_weight_names_and_enums_are_accepted(weights, self_hashed_imagenet, no_network,
-                                                         resnet18_state_file):
+@pytest.mark.parametrize(
+    "weights",
+    [
+        tvm.ResNet18_Weights.IMAGENET1K_V1,
+        tvm.ResNet18_Weights.DEFAULT,
+        "IMAGENET1K_V1",
+        "DEFAULT",
+        "default",
+        "imagenet",
+        "ResNet18_Weights.IMAGENET1K_V1",
+    ],
+)
+def test_torchvision_weight_names_and_enums_are_accepted(
+    weights, self_hashed_imagenet, no_network, resnet18_state_file
+):
     assert loaded_from(resnet18_cbam(weights=weights, placement=None), resnet18_state_file)
 
 
@@ -70,7 +82,9 @@ def test_weights_cache_path_is_torchvisions(torch_home):
 
 
 # ------------------------------------------------------------------------------ partial files
-def test_a_partial_file_in_the_cache_is_reported_not_loaded(torch_home, no_network, resnet18_state_file, monkeypatch):
+def test_a_partial_file_in_the_cache_is_reported_not_loaded(
+    torch_home, no_network, resnet18_state_file, monkeypatch
+):
     cache = torch_home / "hub" / "checkpoints" / REAL_FILE
     cache.parent.mkdir(parents=True)
     blob = resnet18_state_file.read_bytes()
@@ -85,7 +99,9 @@ def test_a_partial_file_in_the_cache_is_reported_not_loaded(torch_home, no_netwo
     assert cache.exists(), "the user's file is reported, not deleted behind their back"
 
 
-def test_a_complete_file_under_the_real_name_but_other_content_is_refused(torch_home, no_network, resnet18_state_file):
+def test_a_complete_file_under_the_real_name_but_other_content_is_refused(
+    torch_home, no_network, resnet18_state_file
+):
     cache = torch_home / "hub" / "checkpoints" / REAL_FILE
     cache.parent.mkdir(parents=True)
     shutil.copy(resnet18_state_file, cache)  # loadable, but not torchvision's file: its sha256 says so
@@ -121,8 +137,11 @@ def test_a_path_whose_name_carries_a_hash_is_checked(tmp_path, resnet18_state_fi
 def self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch):
     """A mirror folder holding the random weights under their own hash, torchvision's URL pointing there."""
     prefix = sha8(resnet18_state_file)
-    monkeypatch.setattr(tvm.ResNet18_Weights.IMAGENET1K_V1.value, "url",
-                        f"https://download.pytorch.org/models/resnet18-{prefix}.pth")
+    monkeypatch.setattr(
+        tvm.ResNet18_Weights.IMAGENET1K_V1.value,
+        "url",
+        f"https://download.pytorch.org/models/resnet18-{prefix}.pth",
+    )
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     shutil.copy(resnet18_state_file, mirror / f"resnet18-{prefix}.pth")
@@ -130,8 +149,9 @@ def self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["folder", "file-url"])
-def test_weights_come_from_the_mirror_offline(kind, torch_home, no_network, tmp_path, resnet18_state_file, monkeypatch,
-                                              capsys):
+def test_weights_come_from_the_mirror_offline(
+    kind, torch_home, no_network, tmp_path, resnet18_state_file, monkeypatch, capsys
+):
     mirror, name = self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch)
     monkeypatch.setenv(cm.WEIGHTS_MIRROR_ENV, str(mirror) if kind == "folder" else mirror.as_uri())
     model = resnet18_cbam(weights="imagenet", placement=None)
@@ -141,8 +161,9 @@ def test_weights_come_from_the_mirror_offline(kind, torch_home, no_network, tmp_
     assert str(cached) in capsys.readouterr().out
 
 
-def test_a_wrong_file_at_the_mirror_is_refused_and_not_kept(torch_home, no_network, tmp_path, resnet18_state_file,
-                                                            monkeypatch):
+def test_a_wrong_file_at_the_mirror_is_refused_and_not_kept(
+    torch_home, no_network, tmp_path, resnet18_state_file, monkeypatch
+):
     mirror, name = self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch)
     blob = (mirror / name).read_bytes()
     (mirror / name).write_bytes(blob[: len(blob) // 2])  # truncated at the mirror
@@ -172,10 +193,12 @@ def fake_cifar_archive(tmp_path, monkeypatch):
     with torchvision's md5s patched to this archive's (a generated archive cannot match the real ones).
     Returns ``(folder holding cifar-10-python.tar.gz, train labels, test labels)``."""
     rng = np.random.default_rng(0)
-    members, train_list, labels = {}, [], {}
+    members, labels = {}, {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch_labels = [int(x) for x in rng.integers(0, 10, 10)]
-        blob = pickle.dumps({"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": batch_labels})
+        blob = pickle.dumps(
+            {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": batch_labels}
+        )
         members[name], labels[name] = blob, batch_labels
     members["batches.meta"] = pickle.dumps({"label_names": list(cdata.CLASSES)})
     md5 = {name: hashlib.md5(blob).hexdigest() for name, blob in members.items()}
@@ -188,7 +211,9 @@ def fake_cifar_archive(tmp_path, monkeypatch):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
-    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(
+        CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)]
+    )
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     train_labels = sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
@@ -212,7 +237,9 @@ def test_cifar10_comes_from_the_mirror_offline(how, fake_cifar_archive, tmp_path
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other file"])
-def test_a_wrong_cifar10_archive_at_the_mirror_is_refused_by_name(damage, fake_cifar_archive, tmp_path, no_network):
+def test_a_wrong_cifar10_archive_at_the_mirror_is_refused_by_name(
+    damage, fake_cifar_archive, tmp_path, no_network
+):
     folder, _, _ = fake_cifar_archive
     archive = folder / CIFAR10.filename
     blob = archive.read_bytes()
@@ -236,8 +263,9 @@ def test_a_partial_cifar10_archive_in_the_data_folder_is_named(fake_cifar_archiv
     assert str(root / CIFAR10.filename) in str(info.value) and "delete it" in str(info.value)
 
 
-def test_a_good_cifar10_archive_in_the_data_folder_is_used_offline(fake_cifar_archive, tmp_path, no_network,
-                                                                   monkeypatch):
+def test_a_good_cifar10_archive_in_the_data_folder_is_used_offline(
+    fake_cifar_archive, tmp_path, no_network, monkeypatch
+):
     folder, train_labels, _ = fake_cifar_archive
     root = tmp_path / "data"
     root.mkdir()

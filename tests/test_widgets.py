@@ -1,5 +1,6 @@
 """The schedule designer without a browser: the values → Schedule mapping, the panel's reactions to
 changes (preview, invalid choices, presets), the Train button's and the "find LR" buttons' callbacks on tiny loaders."""
+
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ def test_default_values_are_the_course_schedule():
 
 
 def test_differential_values_are_the_course_differential_schedule():
-    assert schedule_from_values(values(differential=True), GROUPS, NEW) == finetune.three_stage_schedule(differential=True)
+    assert schedule_from_values(values(differential=True), GROUPS, NEW) == finetune.three_stage_schedule(
+        differential=True
+    )
 
 
 @pytest.mark.parametrize("name", list(widgets.PRESETS))
@@ -41,7 +44,9 @@ def test_boundaries_become_stage_lengths():
 def test_fewer_stages_ignore_unused_boundaries():
     two = schedule_from_values(values(stages=2, end1=3, end2=1, total=10), GROUPS, NEW)
     assert [s.epochs for s in two.stages] == [3, 7]
-    one = schedule_from_values(values(stages=1, end1=99, end2=1, total=10, trainable=(("all",),) * 3), GROUPS, NEW)
+    one = schedule_from_values(
+        values(stages=1, end1=99, end2=1, total=10, trainable=(("all",),) * 3), GROUPS, NEW
+    )
     assert one == finetune.one_stage_schedule(10, 1e-3)
 
 
@@ -55,26 +60,33 @@ def test_trainable_groups_and_aliases():
 
 
 def test_differential_rates_per_stage():
-    v = values(differential=True, lr=(1e-5, 2e-5, 3e-5), lr_new=(1e-3, 2e-3, 3e-3),
-               trainable=(("new",), ("layer3",), ("all",)))
+    v = values(
+        differential=True,
+        lr=(1e-5, 2e-5, 3e-5),
+        lr_new=(1e-3, 2e-3, 3e-3),
+        trainable=(("new",), ("layer3",), ("all",)),
+    )
     s1, s2, s3 = schedule_from_values(v, GROUPS, NEW).stages
     assert s1.lr == 1e-3  # new modules only: their rate
     assert s2.lr == 2e-5  # pretrained only: theirs
     assert s3.lr == {"new": 3e-3, "pretrained": 3e-5}
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(end1=25), "stage 2 would end before stage 1"),
-    (dict(end1=20), "stage 2 is empty"),
-    (dict(total=15), "stage 3 would end before stage 2: the total is 15 epochs"),
-    (dict(total=20), "stage 3 is empty"),
-    (dict(stages=2, end1=50), "stage 2 is empty"),
-    (dict(end1=0), "stage 1 is empty"),
-    (dict(trainable=(("new",), (), ("all",))), "stage 2 trains nothing"),
-    (dict(trainable=(("new",), ("layer9",), ("all",))), "unknown layer group 'layer9'"),
-    (dict(lr=(1e-3, 0.0, 1e-5)), "learning rate of stage 2 must be a positive number"),
-    (dict(stages=4), "1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(end1=25), "stage 2 would end before stage 1"),
+        (dict(end1=20), "stage 2 is empty"),
+        (dict(total=15), "stage 3 would end before stage 2: the total is 15 epochs"),
+        (dict(total=20), "stage 3 is empty"),
+        (dict(stages=2, end1=50), "stage 2 is empty"),
+        (dict(end1=0), "stage 1 is empty"),
+        (dict(trainable=(("new",), (), ("all",))), "stage 2 trains nothing"),
+        (dict(trainable=(("new",), ("layer9",), ("all",))), "unknown layer group 'layer9'"),
+        (dict(lr=(1e-3, 0.0, 1e-5)), "learning rate of stage 2 must be a positive number"),
+        (dict(stages=4), "1, 2 or 3"),
+    ],
+)
 def test_invalid_choices_raise_a_clear_value_error(change, message):
     with pytest.raises(ValueError, match=message):
         schedule_from_values(values(**change), GROUPS, NEW)
@@ -101,8 +113,10 @@ def tiny_loaders(n=32):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
-    return (TensorLoader(images, labels, 16, train=True, device="cpu"),
-            TensorLoader(images[:16], labels[:16], 16, device="cpu"))
+    return (
+        TensorLoader(images, labels, 16, train=True, device="cpu"),
+        TensorLoader(images[:16], labels[:16], 16, device="cpu"),
+    )
 
 
 def test_panel_starts_with_the_course_schedule(model):
@@ -119,7 +133,9 @@ def test_moving_a_slider_redraws_the_preview_in_place(model):
     panel.w_end1.value = 3  # what the browser does: a trait change from the front end
     assert panel.schedule.boundaries()[0] == ("1 head+cbam", 1, 3)
     assert "1-3" in panel.w_table.value and "4-5" in panel.w_table.value and panel.w_table.value != table
-    assert bytes(panel.w_plot.value) != bytes(plot) and list(panel.children) == children  # one image, replaced, not stacked
+    assert (
+        bytes(panel.w_plot.value) != bytes(plot) and list(panel.children) == children
+    )  # one image, replaced, not stacked
     assert panel.w_preset.value == widgets.CUSTOM
 
 
@@ -129,7 +145,9 @@ def test_invalid_move_shows_a_message_and_keeps_the_last_valid_schedule(model):
     valid, table = panel.schedule, panel.w_table.value
     panel.w_end1.value = 9  # past the end of stage 2: must not raise
     assert "stage 2 would end before stage 1" in panel.error
-    assert "invalid choice" in panel.w_error.value and "stage 2 would end before stage 1" in panel.w_error.value
+    assert (
+        "invalid choice" in panel.w_error.value and "stage 2 would end before stage 1" in panel.w_error.value
+    )
     assert panel.schedule is valid and panel.w_table.value == table
     assert panel.w_button.disabled
     with pytest.raises(ValueError, match="invalid"):
@@ -160,8 +178,9 @@ def test_presets_set_the_controls(model):
 def test_train_button_runs_the_schedule_and_adds_rows(model):
     train_loader, val_loader = tiny_loaders()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    panel = widgets.schedule_designer(model, train_loader, val_loader, epochs=(1, 1, 1),
-                                      fit_kwargs={"device": "cpu"})
+    panel = widgets.schedule_designer(
+        model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"}
+    )
     panel._on_train_clicked(panel.w_button)
     assert panel.w_status.value.startswith("完成"), panel.w_status.value
     assert len(panel.runs) == 1 and len(panel.runs[0]["history"]) == 3
@@ -192,8 +211,14 @@ def test_train_from_a_cell_uses_model_fn(model):
         built.append(models.resnet18_cbam(placement="stage"))
         return built[-1]
 
-    panel = widgets.schedule_designer(model, train_loader, val_loader, model_fn=model_fn, epochs=(1, 1, 1),
-                                      fit_kwargs={"device": "cpu", "progress": False})
+    panel = widgets.schedule_designer(
+        model,
+        train_loader,
+        val_loader,
+        model_fn=model_fn,
+        epochs=(1, 1, 1),
+        fit_kwargs={"device": "cpu", "progress": False},
+    )
     seen = []
     history = panel.train(on_epoch_end=lambda h: seen.append(len(h)))
     assert len(built) == 1 and seen == [1, 2, 3] and len(panel.runs) == 1
@@ -215,8 +240,14 @@ FINDER = {"num_steps": 10, "start_lr": 1e-6, "end_lr": 1e-1, "progress": False}
 
 
 def panel_for(model, loader=None):
-    return widgets.schedule_designer(model, tiny_loaders()[0] if loader is None else loader, None, epochs=(2, 3, 3),
-                                     fit_kwargs={"device": "cpu"}, finder_kwargs=FINDER)
+    return widgets.schedule_designer(
+        model,
+        tiny_loaders()[0] if loader is None else loader,
+        None,
+        epochs=(2, 3, 3),
+        fit_kwargs={"device": "cpu"},
+        finder_kwargs=FINDER,
+    )
 
 
 def test_find_lr_in_differential_mode_sets_both_sliders_with_the_ratio_kept(model):
@@ -232,9 +263,16 @@ def test_find_lr_in_differential_mode_sets_both_sliders_with_the_ratio_kept(mode
     top = result.suggestion()
     assert panel.w_lr_new[1].value == pytest.approx(top) and panel.w_lr[1].value == pytest.approx(top / 10)
     stage = panel.schedule.stages[1]
-    assert stage.lr == {"new": pytest.approx(top), "pretrained": pytest.approx(top / 10)}  # the schedule follows
-    assert [(panel.w_lr[i].value, panel.w_lr_new[i].value) for i in (0, 2)] == others  # other stages untouched
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the panel's model: never trained
+    assert stage.lr == {
+        "new": pytest.approx(top),
+        "pretrained": pytest.approx(top / 10),
+    }  # the schedule follows
+    assert [
+        (panel.w_lr[i].value, panel.w_lr_new[i].value) for i in (0, 2)
+    ] == others  # other stages untouched
+    assert all(
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )  # the panel's model: never trained
     assert all(torch.equal(before[k], v) for k, v in panel._template.state_dict().items())
     assert not panel.w_button.disabled
 
@@ -250,14 +288,19 @@ def test_find_lr_for_stage_1_sets_its_slider(model):
 
 def test_find_lr_uses_the_buttons_css_classes(model):
     panel = panel_for(model)
-    assert [b._dom_classes for b in panel.w_find_lr] == [("schedule-find-lr-1",), ("schedule-find-lr-2",),
-                                                        ("schedule-find-lr-3",)]
+    assert [b._dom_classes for b in panel.w_find_lr] == [
+        ("schedule-find-lr-1",),
+        ("schedule-find-lr-2",),
+        ("schedule-find-lr-3",),
+    ]
     assert "schedule-lr-curve" in panel.w_lr_curve._dom_classes
 
 
 def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
     images = torch.zeros((8, 3, 16, 16), dtype=torch.uint8)
-    empty = TensorLoader(images, torch.zeros(8, dtype=torch.long), 32, train=True, device="cpu")  # no full batch
+    empty = TensorLoader(
+        images, torch.zeros(8, dtype=torch.long), 32, train=True, device="cpu"
+    )  # no full batch
     panel = panel_for(model, empty)
     values = panel.values
     panel._on_find_lr_clicked(1)
@@ -270,7 +313,9 @@ def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
 
 def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
     train_loader, val_loader = tiny_loaders()
-    panel = widgets.schedule_designer(model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"})
+    panel = widgets.schedule_designer(
+        model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"}
+    )
     assert panel.w_bn.value == "train" and "schedule-bn-policy" in panel.w_bn._dom_classes
     assert list(panel.w_bn.options) == ["train", "frozen", "recalibrate"] and panel.w_bn in panel.children
     assert panel.values["bn_policy"] == "train"
@@ -289,6 +334,7 @@ def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
         return original_fit(model, schedule, *args, **kwargs)
 
     from course_utils import train as ctrain
+
     original_fit = ctrain.fit
     monkeypatch.setattr(ctrain, "fit", recording_fit)
     panel.w_bn.value = "recalibrate"
@@ -297,5 +343,7 @@ def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
     assert panel.w_status.value.startswith("完成"), panel.w_status.value
     assert seen == ["recalibrate"]
     history = panel.runs[-1]["history"]
-    assert history.meta["bn_policy"] == "recalibrate" and [r["epoch"] for r in history.meta["bn_recalibrations"]] == [1, 2, 3]
+    assert history.meta["bn_policy"] == "recalibrate" and [
+        r["epoch"] for r in history.meta["bn_recalibrations"]
+    ] == [1, 2, 3]
     assert panel.comparison()[-1]["BN"] == "recalibrate" and "recalibrate" in panel.w_runs.value

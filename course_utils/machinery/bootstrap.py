@@ -17,6 +17,7 @@ macOS and Linux. Before anything else it picks the interpreter (:func:`plan`):
 Nothing here imports a third-party package, and every command is a list of arguments (no shell), so paths
 with spaces or backslashes work.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = "constraints.txt"
 READY_STAMP = ".course-ready"
 # Keep in step with pyproject.toml (tests/test_packaging.py checks): the oldest torch the code supports.
@@ -93,7 +94,11 @@ def torch_supported(version: str | None) -> bool:
 def pytorch_index(torch_version: str | None) -> str | None:
     """PyTorch's wheel index a torch build came from (``2.13.0+cpu`` → ``.../whl/cpu``), ``None`` for PyPI's."""
     local = (torch_version or "").partition("+")[2]
-    return f"https://download.pytorch.org/whl/{local}" if re.fullmatch(r"cpu|cu\d+|rocm[\d.]+|xpu", local) else None
+    return (
+        f"https://download.pytorch.org/whl/{local}"
+        if re.fullmatch(r"cpu|cu\d+|rocm[\d.]+|xpu", local)
+        else None
+    )
 
 
 def installed_version(distribution: str) -> str | None:
@@ -128,16 +133,25 @@ def stamp_of(root: Path = ROOT) -> str:
 @dataclass
 class Plan:
     """What :func:`run` does before the command: where it runs, and the steps that prepare it."""
-    python: Path                      # the interpreter that runs the command
-    reexec: bool                      # run ``python -m course_utils ...`` again under ``python``
-    reason: str                       # one line for the user
-    steps: list[tuple[str, list[str]]] = field(default_factory=list)   # (what it does, argv)
-    stamp: Path | None = None         # written after the steps succeed
+
+    python: Path  # the interpreter that runs the command
+    reexec: bool  # run ``python -m course_utils ...`` again under ``python``
+    reason: str  # one line for the user
+    steps: list[tuple[str, list[str]]] = field(default_factory=list)  # (what it does, argv)
+    stamp: Path | None = None  # written after the steps succeed
 
 
-def plan(command: str, here: bool = False, root: Path = ROOT, env: dict | None = None,
-         executable: str | None = None, prefix: str | None = None, windows: bool | None = None,
-         find=importlib.util.find_spec, version=installed_version) -> Plan:
+def plan(
+    command: str,
+    here: bool = False,
+    root: Path = ROOT,
+    env: dict | None = None,
+    executable: str | None = None,
+    prefix: str | None = None,
+    windows: bool | None = None,
+    find=importlib.util.find_spec,
+    version=installed_version,
+) -> Plan:
     """Decide which interpreter runs ``command`` and what must be installed first (nothing is run here)."""
     env = os.environ if env is None else env
     executable = Path(executable or sys.executable)
@@ -155,44 +169,86 @@ def plan(command: str, here: bool = False, root: Path = ROOT, env: dict | None =
         p = Plan(executable, reexec=False, reason=f"--here: using this Python ({executable}) as it is")
         if missing and command != "doctor":  # doctor looks, it never installs
             if torch_version and not torch_supported(torch_version):
-                say(f"your torch {torch_version} is outside the supported range "
-                    f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it")
+                say(
+                    f"your torch {torch_version} is outside the supported range "
+                    f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it"
+                )
             keep = [f"torch=={torch_version}"] if torch_supported(torch_version) else []
             if keep and "torchvision" in missing and pytorch_index(torch_version):
                 # a torch from PyTorch's own index (+cpu, +cu126, ...) needs torchvision from the same index:
                 # PyPI's is built against PyPI's torch and fails to load ("operator torchvision::nms does not exist")
                 keep += ["--extra-index-url", pytorch_index(torch_version)]
-            p.steps.append((f"installing what is missing ({', '.join(missing)}); installed packages that fit "
-                            f"pyproject.toml's ranges are kept" + (f", torch {torch_version} included (pinned, so "
-                            f"pip picks the torchvision that goes with it)" if keep else ""),
-                            install_command(executable, False) + keep))
+            p.steps.append(
+                (
+                    f"installing what is missing ({', '.join(missing)}); installed packages that fit "
+                    f"pyproject.toml's ranges are kept"
+                    + (
+                        f", torch {torch_version} included (pinned, so "
+                        f"pip picks the torchvision that goes with it)"
+                        if keep
+                        else ""
+                    ),
+                    install_command(executable, False) + keep,
+                )
+            )
         return p
     if not missing and torch_supported(torch_version) and choice != "venv":
-        return Plan(executable, reexec=False,
-                    reason=f"using this Python ({executable}): it has torch {torch_version} and everything "
-                           f"'{command}' needs (COURSE_ENV=venv uses the project's .venv instead)")
+        return Plan(
+            executable,
+            reexec=False,
+            reason=f"using this Python ({executable}): it has torch {torch_version} and everything "
+            f"'{command}' needs (COURSE_ENV=venv uses the project's .venv instead)",
+        )
     if command == "doctor" and not venv_python(venv, windows).exists():
         return Plan(executable, reexec=False, reason="no .venv yet: checking this Python")
-    return _venv_plan(venv_python(venv, windows), venv, root, reexec=True, windows=windows,
-                      reason=f"using the project's virtual environment {venv}", executable=executable,
-                      create=command != "doctor")
+    return _venv_plan(
+        venv_python(venv, windows),
+        venv,
+        root,
+        reexec=True,
+        windows=windows,
+        reason=f"using the project's virtual environment {venv}",
+        executable=executable,
+        create=command != "doctor",
+    )
 
 
-def _venv_plan(python: Path, venv: Path, root: Path, reexec: bool, reason: str, windows: bool | None = None,
-               executable: Path | None = None, create: bool = True) -> Plan:
+def _venv_plan(
+    python: Path,
+    venv: Path,
+    root: Path,
+    reexec: bool,
+    reason: str,
+    windows: bool | None = None,
+    executable: Path | None = None,
+    create: bool = True,
+) -> Plan:
     p = Plan(python, reexec=reexec, reason=reason, stamp=venv / READY_STAMP)
     stamp_file = venv / READY_STAMP
     if not create:  # doctor looks, it never installs
         return p
     if not python.exists():
-        p.steps.append((f"creating the virtual environment {venv} (once; about 1-3 minutes with the installs)",
-                        [str(executable or sys.executable), "-m", "venv", str(venv)]))
+        p.steps.append(
+            (
+                f"creating the virtual environment {venv} (once; about 1-3 minutes with the installs)",
+                [str(executable or sys.executable), "-m", "venv", str(venv)],
+            )
+        )
     ready = stamp_file.exists() and stamp_file.read_text().strip() == stamp_of(root)
     if not ready:
-        p.steps.append(("updating pip and setuptools inside it (setuptools 77+ reads pyproject.toml's license)",
-                        [str(python), "-m", "pip", "install", "--upgrade", "pip", "setuptools>=77"]))
-        p.steps.append((f"installing the course with the tested versions ({CONSTRAINTS}: torch, torchvision, "
-                        f"JupyterLab, ...) into {venv}", install_command(python, True)))
+        p.steps.append(
+            (
+                "updating pip and setuptools inside it (setuptools 77+ reads pyproject.toml's license)",
+                [str(python), "-m", "pip", "install", "--upgrade", "pip", "setuptools>=77"],
+            )
+        )
+        p.steps.append(
+            (
+                f"installing the course with the tested versions ({CONSTRAINTS}: torch, torchvision, "
+                f"JupyterLab, ...) into {venv}",
+                install_command(python, True),
+            )
+        )
     return p
 
 
@@ -200,16 +256,19 @@ def run(command: str, argv: list[str], here: bool = False, root: Path = ROOT) ->
     """Prepare the interpreter for ``command``; returns the exit status of the command run again inside
     ``.venv``, or ``None`` when the command is to run in this process."""
     if os.environ.get("COURSE_BOOTSTRAPPED") and not in_venv(root / ".venv"):
-        raise RuntimeError("course_utils re-ran itself but is still not inside .venv: "
-                           f"delete {root / '.venv'} and try again")
+        raise RuntimeError(
+            f"course_utils re-ran itself but is still not inside .venv: delete {root / '.venv'} and try again"
+        )
     p = plan(command, here=here, root=root)
     say(p.reason)
     for what, step in p.steps:
         say(f"{what}:\n    {shown(step)}")
         result = subprocess.run(step, cwd=root)
         if result.returncode:
-            say(f"that failed (exit status {result.returncode}); nothing else was changed. Fix the message above "
-                f"and run the same command again, or use --here to run with your own Python's packages.")
+            say(
+                f"that failed (exit status {result.returncode}); nothing else was changed. Fix the message above "
+                f"and run the same command again, or use --here to run with your own Python's packages."
+            )
             return result.returncode
     if p.stamp is not None and p.steps:
         p.stamp.write_text(stamp_of(root) + "\n")

@@ -6,7 +6,7 @@ learning goals (from each notebook's first Markdown cell), preset and run time (
 ``metadata.papermill.duration``, else the sum of the cells' ``papermill.duration``), and on every page links
 to the previous and next lesson and to the index. Every output is kept as the run left it — figures embedded
 as ``data:`` URIs (a page is one self-contained file that can be mailed or published as is), the red
-:func:`~course_utils.presets.banner` boxes as HTML — and each code cell sits in a ``<details>`` element
+:func:`~course_utils.machinery.presets.banner` boxes as HTML — and each code cell sits in a ``<details>`` element
 (open by default; click its summary to fold it). Chinese text is set in a font stack that has the glyphs
 (Noto Sans CJK SC, Source Han Sans SC, PingFang SC, Hiragino Sans GB, Microsoft YaHei, then system-ui).
 
@@ -17,6 +17,7 @@ JupyterLab's CSS), so the book shows what the students saw. jupyter-book would a
 (MyST) tool chain, a configuration file and a table of contents to maintain for seven pages, and re-renders
 outputs its own way; the one thing it adds — cross-page navigation and an index — is a few lines here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,14 @@ import sys
 from pathlib import Path
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-FONT_STACK = ('"Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Hiragino Sans GB", '
-              '"Microsoft YaHei", system-ui, -apple-system, "Segoe UI", sans-serif')
-CODE_FONT_STACK = ('"DejaVu Sans Mono", Menlo, Consolas, "Noto Sans Mono CJK SC", "Noto Sans CJK SC", '
-                   '"Microsoft YaHei", monospace')
+FONT_STACK = (
+    '"Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Hiragino Sans GB", '
+    '"Microsoft YaHei", system-ui, -apple-system, "Segoe UI", sans-serif'
+)
+CODE_FONT_STACK = (
+    '"DejaVu Sans Mono", Menlo, Consolas, "Noto Sans Mono CJK SC", "Noto Sans CJK SC", '
+    '"Microsoft YaHei", monospace'
+)
 
 CSS = f"""
 :root {{ --jp-content-font-family: {FONT_STACK}; --jp-ui-font-family: {FONT_STACK};
@@ -77,8 +82,10 @@ def executed_notebooks(src_dir: str | Path = "output") -> list[Path]:
     found = sorted(src.glob(NOTEBOOK_GLOB))
     if not found:
         where = f"{src} has no executed notebooks (NN_*.ipynb)" if src.is_dir() else f"{src} does not exist"
-        raise BookError(f"{where}: run `python -m course_utils course` first (it executes the notebooks into "
-                        f"output/), or point --src at the folder papermill wrote them to")
+        raise BookError(
+            f"{where}: run `python -m course_utils course` first (it executes the notebooks into "
+            f"output/), or point --src at the folder papermill wrote them to"
+        )
     return found
 
 
@@ -103,36 +110,60 @@ def lesson_summary(nb: dict, path: Path) -> dict:
     """Title, learning goals (Markdown), preset, run time and failure of one executed notebook."""
     first = next((c for c in nb.get("cells", []) if c.get("cell_type") == "markdown"), None)
     source = "".join(first["source"]) if first else ""
-    title = next((line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#")), path.stem)
+    title = next(
+        (line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#")), path.stem
+    )
     # the goals: the section headed "学习目标" (learning objectives), else the first paragraph after the title
-    match = re.search(r"^#+[^\n]*(学习目标|learning objectives|goals)[^\n]*\n(.*?)(?=^#|\Z)", source, re.M | re.S | re.I)
+    match = re.search(
+        r"^#+[^\n]*(学习目标|learning objectives|goals)[^\n]*\n(.*?)(?=^#|\Z)", source, re.M | re.S | re.I
+    )
     if match:
         goals = match.group(2).strip()
     else:
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", source) if p.strip() and not p.lstrip().startswith("#")]
+        paragraphs = [
+            p.strip() for p in re.split(r"\n\s*\n", source) if p.strip() and not p.lstrip().startswith("#")
+        ]
         goals = paragraphs[0] if paragraphs else ""
     papermill = nb.get("metadata", {}).get("papermill", {})
-    failed = papermill.get("exception") or any(o.get("output_type") == "error" for c in nb.get("cells", [])
-                                               for o in c.get("outputs", []))
+    failed = papermill.get("exception") or any(
+        o.get("output_type") == "error" for c in nb.get("cells", []) for o in c.get("outputs", [])
+    )
     preset = (papermill.get("parameters") or {}).get("PRESET")
-    return {"title": title, "goals": goals, "seconds": run_seconds(nb), "preset": preset, "failed": bool(failed),
-            "page": path.stem + ".html", "notebook": path.name}
+    return {
+        "title": title,
+        "goals": goals,
+        "seconds": run_seconds(nb),
+        "preset": preset,
+        "failed": bool(failed),
+        "page": path.stem + ".html",
+        "notebook": path.name,
+    }
 
 
 def _nav(lessons: list[dict], i: int, where: str) -> str:
-    prev = (f'<a class="book-prev" href="{html.escape(lessons[i - 1]["page"])}">← {html.escape(lessons[i - 1]["title"])}</a>'
-            if i > 0 else "<span></span>")
-    nxt = (f'<a class="book-next" href="{html.escape(lessons[i + 1]["page"])}">{html.escape(lessons[i + 1]["title"])} →</a>'
-           if i + 1 < len(lessons) else "<span></span>")
-    return (f'<nav class="book-nav {where}">{prev}<a class="book-home" href="index.html">目录 (contents)</a>{nxt}</nav>')
+    prev = (
+        f'<a class="book-prev" href="{html.escape(lessons[i - 1]["page"])}">← {html.escape(lessons[i - 1]["title"])}</a>'
+        if i > 0
+        else "<span></span>"
+    )
+    nxt = (
+        f'<a class="book-next" href="{html.escape(lessons[i + 1]["page"])}">{html.escape(lessons[i + 1]["title"])} →</a>'
+        if i + 1 < len(lessons)
+        else "<span></span>"
+    )
+    return f'<nav class="book-nav {where}">{prev}<a class="book-home" href="index.html">目录 (contents)</a>{nxt}</nav>'
 
 
 def _exporter():
     import jinja2
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"book.html.j2": TEMPLATE})])
-    if exporter.has_trait("language_code"):  # <html lang="zh-CN">: the browser picks Simplified Chinese glyphs
+    exporter = HTMLExporter(
+        template_name="lab", extra_loaders=[jinja2.DictLoader({"book.html.j2": TEMPLATE})]
+    )
+    if exporter.has_trait(
+        "language_code"
+    ):  # <html lang="zh-CN">: the browser picks Simplified Chinese glyphs
         exporter.language_code = "zh-CN"
     exporter.template_file = "book.html.j2"
     return exporter
@@ -155,15 +186,21 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
         try:
             nb = nbformat.read(path, as_version=4)
         except Exception as err:  # noqa: BLE001 - name the file whatever nbformat raised
-            raise ValueError(f"{path} is not a readable notebook ({err}); run `python -m course_utils course` "
-                             f"again to re-execute it") from err
+            raise ValueError(
+                f"{path} is not a readable notebook ({err}); run `python -m course_utils course` "
+                f"again to re-execute it"
+            ) from err
         notebooks.append(nb)
         lessons.append(lesson_summary(nb, path))
 
     exporter = _exporter()
     for i, (nb, lesson) in enumerate(zip(notebooks, lessons)):
-        resources = {"metadata": {"name": lesson["title"]}, "book_css": CSS,
-                     "book_nav_top": _nav(lessons, i, "top"), "book_nav_bottom": _nav(lessons, i, "bottom")}
+        resources = {
+            "metadata": {"name": lesson["title"]},
+            "book_css": CSS,
+            "book_nav_top": _nav(lessons, i, "top"),
+            "book_nav_bottom": _nav(lessons, i, "bottom"),
+        }
         body, _ = exporter.from_notebook_node(nb, resources=resources)
         (out / lesson["page"]).write_text(body, encoding="utf-8")
 
@@ -172,8 +209,10 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
     rows = []
     for lesson in lessons:
         status = ' <span class="failed">运行失败 (failed)</span>' if lesson["failed"] else ""
-        rows.append(f'<tr><td><a href="{html.escape(lesson["page"])}">{html.escape(lesson["title"])}</a>{status}</td>'
-                    f'<td>{markdown2html(lesson["goals"])}</td><td>{format_seconds(lesson["seconds"])}</td></tr>')
+        rows.append(
+            f'<tr><td><a href="{html.escape(lesson["page"])}">{html.escape(lesson["title"])}</a>{status}</td>'
+            f"<td>{markdown2html(lesson['goals'])}</td><td>{format_seconds(lesson['seconds'])}</td></tr>"
+        )
     index = f"""<!DOCTYPE html>
 <html lang="zh-CN">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
@@ -196,16 +235,22 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m course_utils book [--src output] [--out output/book]``."""
-    parser = argparse.ArgumentParser(prog="python -m course_utils book",
-                                     description="Render the executed notebooks of the last course run as a static HTML book.")
+    parser = argparse.ArgumentParser(
+        prog="python -m course_utils book",
+        description="Render the executed notebooks of the last course run as a static HTML book.",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--src", default="output", help="folder with the executed NN_*.ipynb (default: output)")
-    parser.add_argument("--out", default="output/book", help="folder for the HTML pages (default: output/book)")
+    parser.add_argument(
+        "--src", default="output", help="folder with the executed NN_*.ipynb (default: output)"
+    )
+    parser.add_argument(
+        "--out", default="output/book", help="folder for the HTML pages (default: output/book)"
+    )
     return parser
 
 

@@ -5,6 +5,7 @@ It runs with a bare Python too: the module imports the standard library only, an
 it looks at (torch, matplotlib, ...) itself. Every probe of the outside world is a method of :class:`Probes`,
 so that the tests can stand in for a machine with a GPU, without weights, offline, and so on.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,7 +32,7 @@ CUDA_WHEELS = ("cu118", "cu121", "cu124", "cu126", "cu128", "cu129", "cu130")
 
 @dataclass
 class Finding:
-    level: str        # OK, NOTE, WARN or FAIL (FAIL: blocks the course)
+    level: str  # OK, NOTE, WARN or FAIL (FAIL: blocks the course)
     topic: str
     text: str
     fix: str = ""
@@ -105,7 +106,10 @@ class Probes:
         hub = self.module("torch.hub")
         if hub is not None:
             return Path(hub.get_dir()) / "checkpoints" / WEIGHTS[arch]
-        home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+        home = (
+            os.environ.get("TORCH_HOME")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+        )
         return Path(home) / "hub" / "checkpoints" / WEIGHTS[arch]
 
     def labextension_dirs(self) -> list[Path]:
@@ -129,19 +133,41 @@ def check_python(p: Probes) -> list[Finding]:
     tested = "3.11"
     where = f"{sys.executable}" + (" (the project's .venv)" if bootstrap.in_venv(ROOT / ".venv") else "")
     if sys.version_info < (3, 10):
-        return [Finding(FAIL, "python", f"{here} at {where}: the course needs Python 3.10 or newer",
-                        "install Python 3.11 from python.org (Windows: the py launcher) and run the command with it")]
-    findings = [Finding(OK if here.startswith(tested + ".") else NOTE, "python", f"{here} at {where} (tested: {tested})")]
+        return [
+            Finding(
+                FAIL,
+                "python",
+                f"{here} at {where}: the course needs Python 3.10 or newer",
+                "install Python 3.11 from python.org (Windows: the py launcher) and run the command with it",
+            )
+        ]
+    findings = [
+        Finding(
+            OK if here.startswith(tested + ".") else NOTE, "python", f"{here} at {where} (tested: {tested})"
+        )
+    ]
     stamp = ROOT / ".venv" / bootstrap.READY_STAMP
-    if bootstrap.in_venv(ROOT / ".venv") and p.path_exists(stamp) and stamp.read_text().strip() != bootstrap.stamp_of():
-        findings.append(Finding(WARN, "packages", ".venv was installed from an older pyproject.toml/constraints.txt",
-                                "python -m course_utils test (or course/lab) brings it up to date first"))
+    if (
+        bootstrap.in_venv(ROOT / ".venv")
+        and p.path_exists(stamp)
+        and stamp.read_text().strip() != bootstrap.stamp_of()
+    ):
+        findings.append(
+            Finding(
+                WARN,
+                "packages",
+                ".venv was installed from an older pyproject.toml/constraints.txt",
+                "python -m course_utils test (or course/lab) brings it up to date first",
+            )
+        )
     return findings
 
 
 def setup_fix() -> str:
-    return ("python -m course_utils lab  (creates .venv with the tested versions); "
-            "or add --here to install into this Python, keeping its own torch")
+    return (
+        "python -m course_utils lab  (creates .venv with the tested versions); "
+        "or add --here to install into this Python, keeping its own torch"
+    )
 
 
 def check_torch(p: Probes) -> list[Finding]:
@@ -154,22 +180,41 @@ def check_torch(p: Probes) -> list[Finding]:
         version = p.version(name)
         want = tested.get(name, "?")
         if version is None:
-            findings.append(Finding(FAIL, name, f"not installed in this Python (tested: {want})", setup_fix()))
+            findings.append(
+                Finding(FAIL, name, f"not installed in this Python (tested: {want})", setup_fix())
+            )
         elif name == "torch" and not bootstrap.torch_supported(version):
-            findings.append(Finding(FAIL, name, f"{version} is outside the supported range "
-                                                f">={'.'.join(map(str, bootstrap.TORCH_MIN))},<{bootstrap.TORCH_BELOW[0]}",
-                                    f"{sys.executable} -m pip install torch=={tested.get('torch')} "
-                                    f"torchvision=={tested.get('torchvision')}"))
+            findings.append(
+                Finding(
+                    FAIL,
+                    name,
+                    f"{version} is outside the supported range "
+                    f">={'.'.join(map(str, bootstrap.TORCH_MIN))},<{bootstrap.TORCH_BELOW[0]}",
+                    f"{sys.executable} -m pip install torch=={tested.get('torch')} "
+                    f"torchvision=={tested.get('torchvision')}",
+                )
+            )
         elif name == "torchvision" and (broken := p.import_error("torchvision")):
             index = bootstrap.pytorch_index(p.version("torch"))
-            findings.append(Finding(FAIL, name, f"{version} does not load with torch {p.version('torch')} ({broken}): "
-                                                f"a build for another torch",
-                                    f"{sys.executable} -m pip install --force-reinstall --no-deps torchvision=={version}"
-                                    + (f" --index-url {index}" if index else "")))
+            findings.append(
+                Finding(
+                    FAIL,
+                    name,
+                    f"{version} does not load with torch {p.version('torch')} ({broken}): "
+                    f"a build for another torch",
+                    f"{sys.executable} -m pip install --force-reinstall --no-deps torchvision=={version}"
+                    + (f" --index-url {index}" if index else ""),
+                )
+            )
         else:
             same = version.split("+")[0] == want
-            findings.append(Finding(OK if same else NOTE, name, f"{version} (tested: {want}"
-                                    + ("" if same else "; within the supported range") + ")"))
+            findings.append(
+                Finding(
+                    OK if same else NOTE,
+                    name,
+                    f"{version} (tested: {want}" + ("" if same else "; within the supported range") + ")",
+                )
+            )
     return findings
 
 
@@ -193,8 +238,10 @@ def cuda_wheel_for(cuda: str | None) -> str:
 
 def cuda_install_command(wheel: str) -> str:
     tested = tested_versions()
-    return (f"{sys.executable} -m pip install --force-reinstall torch=={tested.get('torch')} "
-            f"torchvision=={tested.get('torchvision')} --index-url https://download.pytorch.org/whl/{wheel}")
+    return (
+        f"{sys.executable} -m pip install --force-reinstall torch=={tested.get('torch')} "
+        f"torchvision=={tested.get('torchvision')} --index-url https://download.pytorch.org/whl/{wheel}"
+    )
 
 
 def check_device(p: Probes) -> list[Finding]:
@@ -206,10 +253,16 @@ def check_device(p: Probes) -> list[Finding]:
     findings = []
     if torch is None:
         if gpu_visible:
-            findings.append(Finding(NOTE, "gpu", f"an NVIDIA GPU is visible (driver {driver or '?'}, CUDA "
-                                                 f"{driver_cuda_version or '?'}); torch is not installed yet"))
+            findings.append(
+                Finding(
+                    NOTE,
+                    "gpu",
+                    f"an NVIDIA GPU is visible (driver {driver or '?'}, CUDA "
+                    f"{driver_cuda_version or '?'}); torch is not installed yet",
+                )
+            )
         return findings
-    devices = p.module("course_utils.devices")
+    devices = p.module("course_utils.machinery.devices")
     try:
         device, reason = devices.choose_device(p.environ())
     except ValueError as err:
@@ -218,19 +271,39 @@ def check_device(p: Probes) -> list[Finding]:
     build = torch.version.cuda
     if gpu_visible and device.type != "cuda":
         if not build:
-            findings.append(Finding(WARN, "gpu", f"an NVIDIA GPU is visible (driver {driver or '?'}, up to CUDA "
-                                                 f"{driver_cuda_version or '?'}) but torch {torch.__version__} is a "
-                                                 f"CPU-only build, so the course runs on the CPU",
-                                    cuda_install_command(cuda_wheel_for(driver_cuda_version))))
-        elif driver_cuda_version and bootstrap.version_tuple(build)[:2] > bootstrap.version_tuple(driver_cuda_version)[:2]:
-            findings.append(Finding(WARN, "gpu", f"torch is built for CUDA {build}, newer than the driver "
-                                                 f"{driver or '?'} runs (up to CUDA {driver_cuda_version})",
-                                    f"update the NVIDIA driver (nvidia.com/drivers), or install a build for "
-                                    f"CUDA {driver_cuda_version}: {cuda_install_command(cuda_wheel_for(driver_cuda_version))}"))
+            findings.append(
+                Finding(
+                    WARN,
+                    "gpu",
+                    f"an NVIDIA GPU is visible (driver {driver or '?'}, up to CUDA "
+                    f"{driver_cuda_version or '?'}) but torch {torch.__version__} is a "
+                    f"CPU-only build, so the course runs on the CPU",
+                    cuda_install_command(cuda_wheel_for(driver_cuda_version)),
+                )
+            )
+        elif (
+            driver_cuda_version
+            and bootstrap.version_tuple(build)[:2] > bootstrap.version_tuple(driver_cuda_version)[:2]
+        ):
+            findings.append(
+                Finding(
+                    WARN,
+                    "gpu",
+                    f"torch is built for CUDA {build}, newer than the driver "
+                    f"{driver or '?'} runs (up to CUDA {driver_cuda_version})",
+                    f"update the NVIDIA driver (nvidia.com/drivers), or install a build for "
+                    f"CUDA {driver_cuda_version}: {cuda_install_command(cuda_wheel_for(driver_cuda_version))}",
+                )
+            )
         else:
-            findings.append(Finding(WARN, "gpu", f"an NVIDIA GPU is visible and torch is a CUDA {build} build, "
-                                                 f"but torch cannot use it",
-                                    "check `nvidia-smi`, CUDA_VISIBLE_DEVICES, and that no other process holds the GPU"))
+            findings.append(
+                Finding(
+                    WARN,
+                    "gpu",
+                    f"an NVIDIA GPU is visible and torch is a CUDA {build} build, but torch cannot use it",
+                    "check `nvidia-smi`, CUDA_VISIBLE_DEVICES, and that no other process holds the GPU",
+                )
+            )
     return findings
 
 
@@ -243,23 +316,33 @@ def check_cpu(p: Probes) -> list[Finding]:
     bf16 = train.native_bf16(torch.device("cpu"))
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "?")()
     threads = torch.get_num_threads()
-    text = (f"{capability}, " + ("native bf16 (AVX512-BF16/AMX): fit measures bf16 against fp32 at its first run "
-                                 "and keeps the faster" if bf16 else "no native bf16: fit uses fp32")
-            + f"; {threads} torch threads of {cores} logical cores")
+    text = (
+        f"{capability}, "
+        + (
+            "native bf16 (AVX512-BF16/AMX): fit measures bf16 against fp32 at its first run "
+            "and keeps the faster"
+            if bf16
+            else "no native bf16: fit uses fp32"
+        )
+        + f"; {threads} torch threads of {cores} logical cores"
+    )
     fix = ""
     if cores and threads < cores // 2:
         fix = f"OMP_NUM_THREADS={threads} limits torch; unset it to use all {cores} cores"
     findings = [Finding(OK if not fix else NOTE, "cpu", text, fix)]
-    devices = p.module("course_utils.devices")
+    devices = p.module("course_utils.machinery.devices")
     if devices is not None:
         try:
             findings.append(Finding(NOTE, "memory", devices.malloc_plan(p.environ())))
         except ValueError as err:  # fit refuses the setting
-            findings.append(Finding(WARN, "memory", f"{err}; fit refuses it",
-                                    f"set {devices.MALLOC_ENV}=keep or unset it"))
+            findings.append(
+                Finding(
+                    WARN, "memory", f"{err}; fit refuses it", f"set {devices.MALLOC_ENV}=keep or unset it"
+                )
+            )
     # what precision.py measured and cached on this machine (bf16/fp32, channels_last), and its overrides
-    precision = p.module("course_utils.precision")
-    for line in (precision.describe().splitlines()[1:] if precision is not None else []):
+    precision = p.module("course_utils.machinery.precision")
+    for line in precision.describe().splitlines()[1:] if precision is not None else []:
         findings.append(Finding(NOTE, "precision", line.strip()))
     return findings
 
@@ -272,12 +355,21 @@ def check_weights(p: Probes) -> list[Finding]:
         if p.path_exists(path):
             findings.append(Finding(OK, "weights", f"{arch}: {path} ({p.file_size(path) / 1e6:.0f} MB)"))
             continue
-        how = (f"COURSE_WEIGHTS_MIRROR={mirror} is set: they are fetched from there on first use" if mirror else
-               f"online they download on first use; offline copy {path.name} into {path.parent} "
-               f"(from a machine online: python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
-               f"or set COURSE_WEIGHTS_MIRROR to a folder or URL that holds {path.name}")
-        findings.append(Finding(NOTE if mirror else WARN, "weights",
-                                f"{arch} ImageNet weights ({what}) not in the torchvision cache: {path}", how))
+        how = (
+            f"COURSE_WEIGHTS_MIRROR={mirror} is set: they are fetched from there on first use"
+            if mirror
+            else f"online they download on first use; offline copy {path.name} into {path.parent} "
+            f"(from a machine online: python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
+            f"or set COURSE_WEIGHTS_MIRROR to a folder or URL that holds {path.name}"
+        )
+        findings.append(
+            Finding(
+                NOTE if mirror else WARN,
+                "weights",
+                f"{arch} ImageNet weights ({what}) not in the torchvision cache: {path}",
+                how,
+            )
+        )
     return findings
 
 
@@ -290,26 +382,44 @@ def check_cifar(p: Probes) -> list[Finding]:
         return [Finding(OK, "cifar-10", f"full local copy in {full}")]
     subset = data_dir / "cifar10_subset.tar.gz"
     if not p.path_exists(subset):
-        return [Finding(FAIL, "cifar-10", f"neither the full data set nor the shipped subset {subset} is there",
-                        "git checkout -- data/cifar10_subset.tar.gz")]
+        return [
+            Finding(
+                FAIL,
+                "cifar-10",
+                f"neither the full data set nor the shipped subset {subset} is there",
+                "git checkout -- data/cifar10_subset.tar.gz",
+            )
+        ]
     mirror = env.get("COURSE_CIFAR10_MIRROR")
     if mirror:
-        return [Finding(OK, "cifar-10", f"fetched on first use from COURSE_CIFAR10_MIRROR={mirror} into {data_dir}")]
-    fallback = (f"the notebooks use the shipped subset {subset.name} (5,000 train + 1,000 held-out images; "
-                f"accuracies far below the full set's)")
-    get_it = (f"put cifar-10-python.tar.gz's cifar-10-batches-py/ into {data_dir}, or set COURSE_CIFAR10_MIRROR to a "
-              f"folder or URL that holds cifar-10-python.tar.gz")
+        return [
+            Finding(
+                OK, "cifar-10", f"fetched on first use from COURSE_CIFAR10_MIRROR={mirror} into {data_dir}"
+            )
+        ]
+    fallback = (
+        f"the notebooks use the shipped subset {subset.name} (5,000 train + 1,000 held-out images; "
+        f"accuracies far below the full set's)"
+    )
+    get_it = (
+        f"put cifar-10-python.tar.gz's cifar-10-batches-py/ into {data_dir}, or set COURSE_CIFAR10_MIRROR to a "
+        f"folder or URL that holds cifar-10-python.tar.gz"
+    )
     if env.get("COURSE_OFFLINE", "").lower() in ("1", "true"):
-        return [Finding(NOTE, "cifar-10", f"COURSE_OFFLINE is set: not checking the download; {fallback}", get_it)]
+        return [
+            Finding(NOTE, "cifar-10", f"COURSE_OFFLINE is set: not checking the download; {fallback}", get_it)
+        ]
     if p.reachable(CIFAR10_URL):
-        return [Finding(OK, "cifar-10", f"downloadable from {CIFAR10_URL} (170 MB, into {data_dir} on first use)")]
+        return [
+            Finding(OK, "cifar-10", f"downloadable from {CIFAR10_URL} (170 MB, into {data_dir} on first use)")
+        ]
     return [Finding(WARN, "cifar-10", f"not downloadable from here ({CIFAR10_URL}): {fallback}", get_it)]
 
 
 def check_preset(p: Probes) -> list[Finding]:
     if p.module("torch") is None:
         return []
-    presets = p.module("course_utils.presets")
+    presets = p.module("course_utils.machinery.presets")
     env = p.environ()
     try:
         name = presets.preset_name(env.get("COURSE_PRESET") or None)
@@ -326,19 +436,30 @@ def check_jupyter(p: Probes) -> list[Finding]:
         if version is None and p.version("torch") is None:
             continue  # reported with torch
         if version is None:
-            findings.append(Finding(FAIL, name, "not installed: the notebooks and the instructor's panel need it",
-                                    setup_fix()))
+            findings.append(
+                Finding(
+                    FAIL, name, "not installed: the notebooks and the instructor's panel need it", setup_fix()
+                )
+            )
         else:
             findings.append(Finding(OK, name, f"{version} (tested: {tested_versions().get(name, '?')})"))
     if lab and widgets:
         manager = [d / "@jupyter-widgets" / "jupyterlab-manager" for d in p.labextension_dirs()]
         if any(p.path_exists(m / "package.json") for m in manager):
-            findings.append(Finding(OK, "widgets", "JupyterLab's widget front end (jupyterlab_widgets) is installed"))
+            findings.append(
+                Finding(OK, "widgets", "JupyterLab's widget front end (jupyterlab_widgets) is installed")
+            )
         else:
-            findings.append(Finding(FAIL, "widgets", "JupyterLab has no widget front end: the instructor's sliders "
-                                                     "would show as the text ScheduleDesigner(children=...)",
-                                    f"{sys.executable} -m pip install jupyterlab_widgets=="
-                                    f"{tested_versions().get('jupyterlab-widgets', '3.0.17')}, then restart JupyterLab"))
+            findings.append(
+                Finding(
+                    FAIL,
+                    "widgets",
+                    "JupyterLab has no widget front end: the instructor's sliders "
+                    "would show as the text ScheduleDesigner(children=...)",
+                    f"{sys.executable} -m pip install jupyterlab_widgets=="
+                    f"{tested_versions().get('jupyterlab-widgets', '3.0.17')}, then restart JupyterLab",
+                )
+            )
     return findings
 
 
@@ -348,16 +469,33 @@ def check_fonts(p: Probes) -> list[Finding]:
         return []
     if font:
         return [Finding(OK, "fonts", f"Chinese text in figures: {font}")]
-    fix = {"linux": "sudo apt-get install fonts-noto-cjk (Debian/Ubuntu), then delete matplotlib's font cache "
-                    "(the fontlist-*.json in python -c \"import matplotlib; print(matplotlib.get_cachedir())\")",
-           "darwin": "macOS ships PingFang SC: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
-           "win32": "Windows ships Microsoft YaHei: delete matplotlib's font cache (fontlist-*.json in its cache dir)"}
-    return [Finding(WARN, "fonts", "no font that draws Chinese: Chinese labels in figures show as boxes",
-                    fix.get(sys.platform, fix["linux"]))]
+    fix = {
+        "linux": "sudo apt-get install fonts-noto-cjk (Debian/Ubuntu), then delete matplotlib's font cache "
+        '(the fontlist-*.json in python -c "import matplotlib; print(matplotlib.get_cachedir())")',
+        "darwin": "macOS ships PingFang SC: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
+        "win32": "Windows ships Microsoft YaHei: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
+    }
+    return [
+        Finding(
+            WARN,
+            "fonts",
+            "no font that draws Chinese: Chinese labels in figures show as boxes",
+            fix.get(sys.platform, fix["linux"]),
+        )
+    ]
 
 
-CHECKS = (check_python, check_torch, check_device, check_cpu, check_weights, check_cifar, check_preset,
-          check_jupyter, check_fonts)
+CHECKS = (
+    check_python,
+    check_torch,
+    check_device,
+    check_cpu,
+    check_weights,
+    check_cifar,
+    check_preset,
+    check_jupyter,
+    check_fonts,
+)
 
 
 def run_checks(p: Probes | None = None) -> list[Finding]:
@@ -379,16 +517,21 @@ def format_findings(findings: list[Finding]) -> str:
             lines.append(f"      {'':<11} fix: {f.fix}")
     blocking = [f for f in findings if f.level == FAIL]
     lines.append("")
-    lines.append(f"{len(blocking)} problem(s) block the course." if blocking else
-                 "Nothing blocks the course." + (" Warnings above change what you will see." if
-                                                 any(f.level == WARN for f in findings) else ""))
+    lines.append(
+        f"{len(blocking)} problem(s) block the course."
+        if blocking
+        else "Nothing blocks the course."
+        + (" Warnings above change what you will see." if any(f.level == WARN for f in findings) else "")
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m course_utils doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m course_utils doctor", description=__doc__.splitlines()[0]
+    )
     parser.parse_args(argv)
     findings = run_checks()
     print(format_findings(findings))

@@ -2,8 +2,10 @@
 with a ``ValueError`` where it is given (naming the argument, the value and what would do), not three calls
 later inside torch.
 """
+
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -22,7 +24,9 @@ def whole_number(value, name: str, *, minimum: int = 1, example: str = "") -> in
     return number
 
 
-def optional_whole_number(value, name: str, *, minimum: int = 1, example: str = "", none_means: str = "") -> int | None:
+def optional_whole_number(
+    value, name: str, *, minimum: int = 1, example: str = "", none_means: str = ""
+) -> int | None:
     """``None`` (when allowed: ``none_means`` says what it means) or :func:`whole_number`."""
     if value is None:
         return None
@@ -42,3 +46,12 @@ def stage_lengths(epochs, name: str = "epochs", count: int = 3) -> tuple[int, ..
         return tuple(whole_number(e, name) for e in epochs)
     except ValueError:
         raise ValueError(message) from None
+
+
+def positive_number(value, name: str, *, example: str = "") -> float:
+    """``value`` as a ``float`` if it is a positive finite number (``bool`` refused); ``ValueError`` naming
+    ``name`` otherwise (a learning rate, a ratio, a multiplier)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        hint = f", e.g. {name}={example}" if example else ""
+        raise ValueError(f"{name} must be a positive (finite) number{hint}; got {value!r}")
+    return float(value)

@@ -7,6 +7,7 @@
 Without ``COURSE_PRESET`` the hardware decides: ``full`` with CUDA, ``quick`` otherwise. Each notebook's
 ``parameters`` cell leaves its values at ``None``; ``resolve`` fills what papermill's ``-p`` did not set.
 """
+
 from __future__ import annotations
 
 import html
@@ -27,8 +28,10 @@ def preset_name(name: str | None = None) -> str:
     """``name``, else ``$COURSE_PRESET``, else ``full`` on a GPU and ``quick`` on a CPU."""
     name = name or os.environ.get("COURSE_PRESET") or ("full" if torch.cuda.is_available() else "quick")
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} "
-                         f"(set COURSE_PRESET or the PRESET parameter)")
+        raise ValueError(
+            f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} "
+            f"(set COURSE_PRESET or the PRESET parameter)"
+        )
     return name
 
 
@@ -45,8 +48,9 @@ def check_sizes(values: dict) -> dict:
     ``train_size`` / ``val_size`` (None = all), ``batch_size``, ``epochs`` (three stage lengths)."""
     for key in ("train_size", "val_size"):
         if key in values:
-            optional_whole_number(values[key], key, example="5000" if key == "train_size" else "1000",
-                                  none_means="all images")
+            optional_whole_number(
+                values[key], key, example="5000" if key == "train_size" else "1000", none_means="all images"
+            )
     if "batch_size" in values:
         whole_number(values["batch_size"], "batch_size", example="128")
     if isinstance(values.get("epochs"), (list, tuple)) and len(values["epochs"]) == 3:
@@ -63,5 +67,9 @@ def banner(title: str, text: str = "") -> None:
     except ImportError:
         return
     if get_ipython() is not None:
-        display(HTML(f'<div style="border:2px solid #c00;background:#fee;padding:8px;margin:4px 0">'
-                     f'<b>⚠ {html.escape(title)}</b><br>{html.escape(text)}</div>'))
+        display(
+            HTML(
+                f'<div style="border:2px solid #c00;background:#fee;padding:8px;margin:4px 0">'
+                f"<b>⚠ {html.escape(title)}</b><br>{html.escape(text)}</div>"
+            )
+        )

@@ -6,6 +6,7 @@ A mirror (``COURSE_WEIGHTS_MIRROR``, ``COURSE_CIFAR10_MIRROR``, or ``load_cifar1
 temporary name and moved into place only once complete and verified, so an interrupted or wrong download
 never sits where a later run would load it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,14 @@ def matches(path: str | os.PathLike, *, sha256_prefix: str | None = None, md5: s
     return not md5 or file_digest(path, "md5") == md5
 
 
-def fetch(url: str, dest: str | os.PathLike, *, sha256_prefix: str | None = None, md5: str | None = None,
-          progress: bool = True) -> Path:
+def fetch(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256_prefix: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download ``url`` to ``dest`` (a temporary name first), verify it, then move it into place.
 
     Raises :class:`DownloadError` naming the URL and what was wrong; nothing is left at ``dest`` then.
@@ -70,14 +77,18 @@ def fetch(url: str, dest: str | os.PathLike, *, sha256_prefix: str | None = None
         try:
             download_url_to_file(url, str(part), hash_prefix=sha256_prefix, progress=progress)
         except RuntimeError as err:  # torch.hub's "invalid hash value (expected ..., got ...)"
-            raise DownloadError(f"{url} is not the expected file {dest.name} (it is wrong or truncated: {err}); "
-                                f"nothing was saved. Replace it at the mirror with a complete copy.") from err
+            raise DownloadError(
+                f"{url} is not the expected file {dest.name} (it is wrong or truncated: {err}); "
+                f"nothing was saved. Replace it at the mirror with a complete copy."
+            ) from err
         except (OSError, ValueError) as err:  # URLError, timeouts, a missing file:// file, a bad URL
             raise DownloadError(f"cannot fetch {url} ({type(err).__name__}: {err})") from err
         if md5 and file_digest(part, "md5") != md5:
-            raise DownloadError(f"{url} is not the expected file {dest.name} (its md5 is {file_digest(part, 'md5')}, "
-                                f"not {md5}: it is wrong or truncated); nothing was saved. Replace it at the mirror "
-                                f"with a complete copy.")
+            raise DownloadError(
+                f"{url} is not the expected file {dest.name} (its md5 is {file_digest(part, 'md5')}, "
+                f"not {md5}: it is wrong or truncated); nothing was saved. Replace it at the mirror "
+                f"with a complete copy."
+            )
         os.replace(part, dest)
     finally:
         socket.setdefaulttimeout(old_timeout)

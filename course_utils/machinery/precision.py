@@ -23,6 +23,7 @@ What decides, first match wins, for ``amp`` and ``channels_last`` separately:
 
 Where bf16 is emulated (most laptops: AVX2 only) nothing is measured: fp32 there, always.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,10 +68,14 @@ class Choice:
         return asdict(self)
 
     def __str__(self) -> str:
-        text = (f"{'bf16 autocast' if self.amp else 'fp32'} ({self.source.get('amp', '?')}), "
-                f"{'channels_last' if self.channels_last else 'NCHW'} ({self.source.get('channels_last', '?')})")
+        text = (
+            f"{'bf16 autocast' if self.amp else 'fp32'} ({self.source.get('amp', '?')}), "
+            f"{'channels_last' if self.channels_last else 'NCHW'} ({self.source.get('channels_last', '?')})"
+        )
         if self.images_per_s:
-            text += "; measured train img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in self.images_per_s.items())
+            text += "; measured train img/s: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in self.images_per_s.items()
+            )
         return text
 
 
@@ -85,7 +90,10 @@ def native_bf16(device: torch.device) -> bool:
         return True
     if device.type != "cpu":
         return False
-    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(torch.cpu, check, lambda: False)()
+        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def _sides(image_size) -> tuple[int, int] | None:
@@ -112,7 +120,9 @@ def rule_amp(device: torch.device, image_size=None) -> bool:
 def rule_channels_last(model: nn.Module | None, device: torch.device) -> bool:
     """On CUDA always; on the CPU for ResNets (measured faster), not for VGG (measured slower)."""
     device_type = torch.device(device).type  # not on MPS, whose convolutions work in NCHW
-    return device_type == "cuda" or (device_type == "cpu" and model is not None and type(model).__name__.startswith("ResNet"))
+    return device_type == "cuda" or (
+        device_type == "cpu" and model is not None and type(model).__name__.startswith("ResNet")
+    )
 
 
 def cpu_name() -> str:
@@ -127,8 +137,12 @@ def cpu_name() -> str:
         import subprocess
 
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or platform.machine()
+            return (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or platform.machine()
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
@@ -152,14 +166,18 @@ def _env_switch(name: str) -> bool | None:
         return True
     if value in _OFF:
         return False
-    raise ValueError(f"{name}={os.environ[name]!r} is not understood: set it to on, off or auto (or unset it)")
+    raise ValueError(
+        f"{name}={os.environ[name]!r} is not understood: set it to on, off or auto (or unset it)"
+    )
 
 
 def _measuring() -> bool:
     mode = os.environ.get(ENV_MODE, "measure").strip().lower() or "measure"
     if mode not in ("measure", "rule"):
-        raise ValueError(f"{ENV_MODE}={os.environ[ENV_MODE]!r} is not understood: set it to measure "
-                         f"(the default: time the candidates once per machine) or rule (no measurement)")
+        raise ValueError(
+            f"{ENV_MODE}={os.environ[ENV_MODE]!r} is not understood: set it to measure "
+            f"(the default: time the candidates once per machine) or rule (no measurement)"
+        )
     return mode == "measure"
 
 
@@ -203,13 +221,22 @@ def read_cache(path: Path | None = None) -> dict:
             raise TypeError("entries is not a mapping")
         return {k: v for k, v in entries.items() if _valid_entry(v)}
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        warnings.warn(f"the precision cache {path} is corrupted ({err}); it is ignored and rewritten", stacklevel=2)
+        warnings.warn(
+            f"the precision cache {path} is corrupted ({err}); it is ignored and rewritten", stacklevel=2
+        )
         return {}
 
 
 def _valid_entry(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict) and entry["images_per_s"]
-            and all(k in CANDIDATES and isinstance(v, (int, float)) and v > 0 for k, v in entry["images_per_s"].items()))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("images_per_s"), dict)
+        and entry["images_per_s"]
+        and all(
+            k in CANDIDATES and isinstance(v, (int, float)) and v > 0
+            for k, v in entry["images_per_s"].items()
+        )
+    )
 
 
 def write_cache(entries: dict, path: Path | None = None) -> bool:
@@ -222,8 +249,10 @@ def write_cache(entries: dict, path: Path | None = None) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as err:
-        warnings.warn(f"cannot write the precision cache {path} ({err}); the choice holds for this process only",
-                      stacklevel=2)
+        warnings.warn(
+            f"cannot write the precision cache {path} ({err}); the choice holds for this process only",
+            stacklevel=2,
+        )
         return False
 
 
@@ -231,12 +260,24 @@ _MEMO: dict[tuple[str, str], dict] = {}  # (cache file, key) -> entry: no file r
 
 
 # ------------------------------------------------------------------------------ the measurement
-CANDIDATES = {"fp32 NCHW": (False, False), "fp32 channels_last": (False, True),
-              "bf16 NCHW": (True, False), "bf16 channels_last": (True, True)}
+CANDIDATES = {
+    "fp32 NCHW": (False, False),
+    "fp32 channels_last": (False, True),
+    "bf16 NCHW": (True, False),
+    "bf16 channels_last": (True, True),
+}
 
 
-def measure(model: nn.Module, image_size, batch_size: int = 128, candidates=tuple(CANDIDATES), *,
-            steps: int = STEPS, warmup: int = WARMUP, timer=time.perf_counter) -> dict[str, float]:
+def measure(
+    model: nn.Module,
+    image_size,
+    batch_size: int = 128,
+    candidates=tuple(CANDIDATES),
+    *,
+    steps: int = STEPS,
+    warmup: int = WARMUP,
+    timer=time.perf_counter,
+) -> dict[str, float]:
     """Train images/s of each candidate (names of :data:`CANDIDATES`): forward, cross-entropy and backward
     of a copy of ``model`` (all parameters trainable) on random images of ``image_size`` at ``batch_size``,
     on the CPU. The candidates take turns, ``warmup`` rounds are not counted, the median of ``steps`` is."""
@@ -247,7 +288,9 @@ def measure(model: nn.Module, image_size, batch_size: int = 128, candidates=tupl
         m._forward_hooks.clear(), m._forward_pre_hooks.clear(), m._backward_hooks.clear()
     for p in probe.parameters():
         p.requires_grad_(True)
-    with torch.random.fork_rng(devices=[]):  # dropout in the probe leaves the caller's random stream as it was
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # dropout in the probe leaves the caller's random stream as it was
         return _time_candidates(probe, h, w, batch_size, candidates, steps, warmup, timer)
 
 
@@ -278,9 +321,17 @@ def _time_candidates(probe, h, w, batch_size, candidates, steps, warmup, timer) 
 
 
 # ------------------------------------------------------------------------------ the choice
-def choose(device, model: nn.Module | None = None, image_size=None, batch_size: int | None = None, *,
-           amp: bool | None = None, channels_last: bool | None = None, measure_fn=None,
-           cache_file: Path | None = None) -> Choice:
+def choose(
+    device,
+    model: nn.Module | None = None,
+    image_size=None,
+    batch_size: int | None = None,
+    *,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    measure_fn=None,
+    cache_file: Path | None = None,
+) -> Choice:
     """``amp`` and ``channels_last`` for training ``model`` at ``image_size`` on ``device`` (module docstring:
     argument > ``COURSE_AMP``/``COURSE_CHANNELS_LAST`` > measurement on a native-bf16 CPU > rule)."""
     device = torch.device(device)
@@ -298,8 +349,14 @@ def choose(device, model: nn.Module | None = None, image_size=None, batch_size: 
         return Choice(bool(amp), bool(channels_last), source)
 
     sides = _sides(image_size)
-    can_measure = (device.type == "cpu" and model is not None and sides is not None and native_bf16(device)
-                   and min(sides) >= MIN_BF16_SIDE and _measuring())
+    can_measure = (
+        device.type == "cpu"
+        and model is not None
+        and sides is not None
+        and native_bf16(device)
+        and min(sides) >= MIN_BF16_SIDE
+        and _measuring()
+    )
     if not can_measure:
         return _by_rule(device, model, sides, amp, channels_last, source)
 
@@ -316,20 +373,29 @@ def choose(device, model: nn.Module | None = None, image_size=None, batch_size: 
             try:
                 figures = (measure_fn or measure)(model, sides, batch_size or 128)
             except Exception as err:  # a model the probe cannot copy or run: the rule, and say so
-                warnings.warn(f"could not measure bf16/fp32 for {type(model).__name__} ({err!r}); using the rule",
-                              stacklevel=2)
+                warnings.warn(
+                    f"could not measure bf16/fp32 for {type(model).__name__} ({err!r}); using the rule",
+                    stacklevel=2,
+                )
                 _MEMO[(str(path), key)] = {}
                 return _by_rule(device, model, sides, amp, channels_last, source)
-            entry = {"images_per_s": {k: round(float(v), 1) for k, v in figures.items()},
-                     "batch_size": batch_size or 128, "steps": STEPS,
-                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            entry = {
+                "images_per_s": {k: round(float(v), 1) for k, v in figures.items()},
+                "batch_size": batch_size or 128,
+                "steps": STEPS,
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             entries[key] = entry
             write_cache(entries, path)
             how = "measured"
         _MEMO[(str(path), key)] = entry
     figures = entry["images_per_s"]
-    fits = {name: v for name, v in figures.items()
-            if (amp is None or CANDIDATES[name][0] == amp) and (channels_last is None or CANDIDATES[name][1] == channels_last)}
+    fits = {
+        name: v
+        for name, v in figures.items()
+        if (amp is None or CANDIDATES[name][0] == amp)
+        and (channels_last is None or CANDIDATES[name][1] == channels_last)
+    }
     if fits:
         best = max(fits, key=fits.get)
         fp32 = [name for name in fits if not CANDIDATES[name][0]]
@@ -358,23 +424,32 @@ def _by_rule(device, model, sides, amp, channels_last, source) -> Choice:
 def describe(device="cpu") -> str:
     """A few lines for ``python -m course_utils doctor``: native bf16, the overrides, the cached choices."""
     device = torch.device(device)
-    lines = [f"CPU: {cpu_name()}; native bf16: {'yes' if native_bf16(device) else 'no (fp32 always)'}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    lines = [
+        f"CPU: {cpu_name()}; native bf16: {'yes' if native_bf16(device) else 'no (fp32 always)'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    ]
     env = {name: os.environ.get(name) for name in (ENV_AMP, ENV_CHANNELS_LAST, ENV_MODE)}
     set_ = ", ".join(f"{k}={v}" for k, v in env.items() if v)
-    lines.append(f"precision overrides: {set_ or 'none'} (COURSE_AMP / COURSE_CHANNELS_LAST = on|off|auto; "
-                 f"COURSE_PRECISION=rule: no measurement)")
+    lines.append(
+        f"precision overrides: {set_ or 'none'} (COURSE_AMP / COURSE_CHANNELS_LAST = on|off|auto; "
+        f"COURSE_PRECISION=rule: no measurement)"
+    )
     path = cache_path()
     entries = read_cache(path)
     mine = {k: v for k, v in entries.items() if k.startswith(cpu_name() + " |")}
     if not mine:
-        lines.append(f"precision cache {path}: nothing measured on this machine yet"
-                     + (" (measured at the first fit on the CPU)" if native_bf16(device) else ""))
+        lines.append(
+            f"precision cache {path}: nothing measured on this machine yet"
+            + (" (measured at the first fit on the CPU)" if native_bf16(device) else "")
+        )
     for key, entry in mine.items():
         figures = entry["images_per_s"]
         best = max(figures, key=figures.get)
-        lines.append(f"  {key.split(' | ', 1)[1]}: {best} — " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
-                     + " train img/s")
+        lines.append(
+            f"  {key.split(' | ', 1)[1]}: {best} — "
+            + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+            + " train img/s"
+        )
     if mine:
         lines.insert(2, f"precision cache {path}:")
     return "\n".join(lines)

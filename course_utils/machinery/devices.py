@@ -6,7 +6,7 @@ reason). Every notebook prints :func:`describe_device` in its setup cell.
 What differs per device (the defaults :func:`~course_utils.train.fit` takes from here and from ``train``):
 
 * precision — bf16 autocast on CUDA; on a CPU with native bf16 whichever of bf16/fp32 measured faster for
-  the model and input size at hand (:mod:`course_utils.precision`, cached per machine); fp32 on other CPUs;
+  the model and input size at hand (:mod:`course_utils.machinery.precision`, cached per machine); fp32 on other CPUs;
   **fp32 on MPS** (bf16 there is not measured faster and older macOS versions lack it);
 * ``channels_last`` — CUDA, and ResNets on the CPU unless the measurement says otherwise
   (``train.default_channels_last``); not on MPS, whose convolutions take NCHW natively;
@@ -20,6 +20,7 @@ What differs per device (the defaults :func:`~course_utils.train.fit` takes from
   ``fit`` keeps that memory in the process while it trains and returns it at the end. ``COURSE_MALLOC=default``
   leaves glibc as it is.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -46,14 +47,18 @@ def choose_device(env: dict | None = None) -> tuple[torch.device, str]:
         except RuntimeError as err:
             raise ValueError(f"{ENV}={wanted!r} is not a device: use cpu, cuda, cuda:N or mps") from err
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{ENV}={wanted!r}, but this torch sees no CUDA GPU "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                             f"run `python -m course_utils doctor` for the fix, or unset {ENV}")
+            raise ValueError(
+                f"{ENV}={wanted!r}, but this torch sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                f"run `python -m course_utils doctor` for the fix, or unset {ENV}"
+            )
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{ENV}={wanted!r}, but there are only {torch.cuda.device_count()} CUDA devices")
         if device.type == "mps" and not _mps_available():
-            raise ValueError(f"{ENV}={wanted!r}, but MPS is not available here (it needs an Apple-silicon Mac, "
-                             f"macOS 12.3+ and an arm64 Python); unset {ENV}")
+            raise ValueError(
+                f"{ENV}={wanted!r}, but MPS is not available here (it needs an Apple-silicon Mac, "
+                f"macOS 12.3+ and an arm64 Python); unset {ENV}"
+            )
         if device.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"{ENV}={wanted!r}: the course supports cpu, cuda and mps")
         return device, f"set by {ENV}={wanted}"
@@ -62,7 +67,7 @@ def choose_device(env: dict | None = None) -> tuple[torch.device, str]:
     if _mps_available():
         return torch.device("mps"), "no CUDA GPU; Apple GPU (MPS) found"
     cuda_build = torch.version.cuda
-    why = ("this torch is a CUDA build but sees no GPU" if cuda_build else "this torch has no CUDA support")
+    why = "this torch is a CUDA build but sees no GPU" if cuda_build else "this torch has no CUDA support"
     return torch.device("cpu"), f"no CUDA GPU and no Apple MPS ({why}); {torch.get_num_threads()} CPU threads"
 
 
@@ -106,7 +111,10 @@ def _glibc():
         try:
             if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
                 libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt.argtypes, libc.malloc_trim.argtypes = (ctypes.c_int, ctypes.c_int), (ctypes.c_size_t,)
+                libc.mallopt.argtypes, libc.malloc_trim.argtypes = (
+                    (ctypes.c_int, ctypes.c_int),
+                    (ctypes.c_size_t,),
+                )
         except (AttributeError, OSError, ValueError):
             libc = False
         _malloc["libc"] = libc
@@ -119,8 +127,10 @@ def malloc_setting(env: dict | None = None) -> str:
     env = os.environ if env is None else env
     wanted = env.get(MALLOC_ENV, "keep").strip().lower() or "keep"
     if wanted not in ("keep", "default"):
-        raise ValueError(f"{MALLOC_ENV}={env.get(MALLOC_ENV)!r}: use keep (the default) or default "
-                         f"(leave glibc's malloc as it is)")
+        raise ValueError(
+            f"{MALLOC_ENV}={env.get(MALLOC_ENV)!r}: use keep (the default) or default "
+            f"(leave glibc's malloc as it is)"
+        )
     return wanted
 
 
@@ -170,5 +180,7 @@ def malloc_plan(env: dict | None = None) -> str:
         return f"fit leaves glibc's malloc as it is ({MALLOC_ENV}=default)"
     if _glibc() is None:
         return f"fit leaves the C library's malloc alone here (not glibc: {sys.platform})"
-    return (f"fit keeps each training step's memory for the next (glibc mallopt; no page faults per step) and "
-            f"returns it when it ends; {MALLOC_ENV}=default switches that off")
+    return (
+        f"fit keeps each training step's memory for the next (glibc mallopt; no page faults per step) and "
+        f"returns it when it ends; {MALLOC_ENV}=default switches that off"
+    )
