@@ -3,7 +3,7 @@
 Steps, in order of value, each with a time budget; a step that no longer fits is skipped with a note:
 
 1. ``setup``     — the full CIFAR-10 training split in torchvision's layout, built from the JPEG tar with
-                   the shipped subset's 1,000 validation images held out (``data.build_local_copy``), in
+                   the shipped subset's 1,000 validation images held out (``datafiles.build_local_copy``), in
                    ``<work>/data`` (``COURSE_DATA`` for every later step); checks ``load_cifar10`` reports
                    the local copy; registers an ipykernel for papermill;
 2. ``bench``     — ``python -m course_utils bench --device cuda`` (plain DataLoader way vs the course's path);
@@ -143,11 +143,12 @@ class Run:
         sys.path.insert(0, str(ROOT))
         os.environ["COURSE_DATA"] = self.env["COURSE_DATA"]
         from course_utils import data as cdata
+        from course_utils.machinery import datafiles
 
         data_dir = self.work / "data"
-        shipped = ROOT / "data" / cdata.SHIPPED_SUBSET
+        shipped = ROOT / "data" / datafiles.SHIPPED_SUBSET
         if self.tiny:  # a tiny JPEG tar re-packed from the shipped subset (bytes unchanged): quick evaluations
-            source = cdata.build_subset(shipped, self.work / "tiny-cifar10.tar.gz", **TINY["jpeg_tar"])
+            source = datafiles.build_subset(shipped, self.work / "tiny-cifar10.tar.gz", **TINY["jpeg_tar"])
             held_out_tar = source
         else:
             candidates = [Path(self.args.jpeg_tar)] if self.args.jpeg_tar else [
@@ -161,14 +162,14 @@ class Run:
         if data_dir.exists():
             shutil.rmtree(data_dir)
         data_dir.mkdir(parents=True)
-        shutil.copy(shipped, data_dir / cdata.SHIPPED_SUBSET)
+        shutil.copy(shipped, data_dir / datafiles.SHIPPED_SUBSET)
         start = time.monotonic()
-        built = cdata.build_local_copy(source, data_dir, held_out_tar=held_out_tar)
+        built = datafiles.build_local_copy(source, data_dir, held_out_tar=held_out_tar)
         build_s = time.monotonic() - start
         data = cdata.load_cifar10(data_dir, download=False)
         if not data.source.startswith("local copy"):
             raise RuntimeError(f"load_cifar10 did not use the local copy but {data.source}")
-        held_out = cdata.read_image_tar(held_out_tar)["val"][0]
+        held_out = datafiles.read_image_tar(held_out_tar)["val"][0]
         if sorted(map(bytes, data.val_images.flatten(1).numpy())) != sorted(map(bytes, held_out.flatten(1).numpy())):
             raise RuntimeError(f"the local copy's validation images are not {held_out_tar.name}'s val/ images")
         kernel = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(self.work / "jupyter"),

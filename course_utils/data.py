@@ -1,15 +1,9 @@
 """CIFAR-10 for the course, held as uint8 tensors, with augmentation as batched tensor ops.
 
-Where the images come from, in this order (``load_cifar10`` always prints which one it used):
-
-1. a copy already downloaded into ``data/cifar-10-batches-py`` (torchvision's layout), or torchvision's
-   archive ``data/cifar-10-python.tar.gz`` (checked by torchvision's md5, then extracted);
-2. a mirror, when one is named (``load_cifar10(mirror=...)`` or ``$COURSE_CIFAR10_MIRROR``: a base URL or a
-   folder holding ``cifar-10-python.tar.gz``), else torchvision's ``CIFAR10(root="data", download=True)`` —
-   the archive is checked by torchvision's md5 before use, a wrong or truncated one is refused by name;
-3. the small real subset shipped with the course, ``data/cifar10_subset.tar.gz``
-   (5,000 training and 1,000 held-out images; see ``data/README.md``) — loudly, since accuracies
-   on it are far below what the full 50,000 images give.
+Where the images come from (``load_cifar10`` always prints which one it used): a copy of the full CIFAR-10
+in ``data/`` (torchvision's layout or its archive), else a mirror or torchvision's download, else — loudly —
+the small real subset shipped with the course (5,000 training and 1,000 held-out images). Finding, checking
+and building those files is :mod:`course_utils.machinery.datafiles`; here they are only tensors.
 
 The fast path (:class:`TensorLoader`, airbench-style) keeps the whole split as one uint8 tensor on the
 training device; random crop with padding, horizontal flip and normalisation run on whole batches there,
@@ -20,40 +14,23 @@ usual torchvision way — PIL transforms in a ``DataLoader`` — kept for the be
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
-import json
 import multiprocessing
 import os
-import pickle
-import socket
 import sys
-import tarfile
-import urllib.error
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .machinery.checks import optional_whole_number, whole_number
+from .machinery.datafiles import DATA_DIR, find_cifar10, subset_banner
 from .machinery.devices import default_device
-from .machinery.downloads import DownloadError, fetch, file_digest, mirror_url
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATA_DIR = Path(os.environ.get("COURSE_DATA", Path(__file__).resolve().parents[1] / "data"))
-SHIPPED_SUBSET = "cifar10_subset.tar.gz"
-LOCAL_COPY_MANIFEST = "course_local_copy.json"  # written by build_local_copy
-DOWNLOAD_TIMEOUT_S = 10
-CIFAR10_MIRROR_ENV = "COURSE_CIFAR10_MIRROR"  # a base URL or a folder holding cifar-10-python.tar.gz
-
-
-class DataUnavailableError(RuntimeError):
-    """No CIFAR-10 source could be read; the message says which files to put where."""
 
 
 @dataclass
@@ -75,68 +52,7 @@ class CifarData:
         )
 
 
-# ------------------------------------------------------------------------------ sources
-def _from_torchvision(root: Path, download: bool):
-    CIFAR10 = _torchvision_cifar10(root)
-    splits = [CIFAR10(str(root), train=train, download=download) for train in (True, False)]
-    return [
-        (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
-        for ds in splits
-    ]
-
-
-def _torchvision_cifar10(root: Path):
-    """torchvision's ``CIFAR10`` reader; for a copy made by :func:`build_local_copy`, the same reader checking
-    the md5 sums that the builder wrote into its manifest instead of those of the official release."""
-    from torchvision.datasets import CIFAR10
-
-    manifest = root / CIFAR10.base_folder / LOCAL_COPY_MANIFEST
-    if not manifest.is_file():
-        return CIFAR10
-    try:
-        md5 = json.loads(manifest.read_text())["md5"]
-        train_list = [[name, md5[name]] for name, _ in CIFAR10.train_list]
-        test_list = [[name, md5[name]] for name, _ in CIFAR10.test_list]
-        meta = {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]}
-    except (ValueError, KeyError, TypeError) as err:
-        raise RuntimeError(f"its manifest {manifest.name} is unreadable ({err})") from err
-    return type(
-        "LocalCopyCIFAR10", (CIFAR10,), {"train_list": train_list, "test_list": test_list, "meta": meta}
-    )
-
-
-def _decode(blob: bytes, name: str) -> np.ndarray:
-    from PIL import Image
-
-    image = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
-    if image.shape != (32, 32, 3):
-        raise DataUnavailableError(f"{name} is {image.shape}, not a 32×32 colour image")
-    return image
-
-
-def read_image_tar(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``split/<class>/*.jpg`` inside a tar(.gz) → ``{split: (uint8 images, labels)}``."""
-    splits: dict[str, tuple[list, list]] = {}
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                split, cls, _ = member.name.split("/")[-3:]
-                images, labels = splits.setdefault(split, ([], []))
-                images.append(_decode(tar.extractfile(member).read(), f"{path}:{member.name}"))
-                labels.append(CLASSES.index(cls))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        raise DataUnavailableError(
-            f"cannot read {path}: it is truncated or corrupted ({err}). "
-            f"Restore it with `git checkout -- {path.name}` in data/."
-        ) from err
-    return {
-        split: (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels))
-        for split, (images, labels) in splits.items()
-    }
-
-
+# ------------------------------------------------------------------------------ loading
 def balanced_subset(labels: torch.Tensor, size: int | None, seed: int = 0) -> torch.Tensor:
     """Indices of ``size`` examples, as many of each class as possible, in a seeded random order."""
     n = len(labels)
@@ -151,29 +67,15 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int = 0) -> to
     return order[torch.argsort(rank * n + torch.arange(n))[:size]]
 
 
-def _cifar10_archive(root: Path, mirror, notes: list[str]) -> bool:
-    """Make sure ``root/cifar-10-python.tar.gz`` is torchvision's archive (md5), fetching it from ``mirror``
-    when given; True when a verified archive is there. A wrong or truncated one is named in ``notes``."""
-    from torchvision.datasets import CIFAR10
-
-    archive = root / CIFAR10.filename
-    if archive.is_file():
-        digest = file_digest(archive, "md5")
-        if digest == CIFAR10.tgz_md5:
-            return True
-        notes.append(
-            f"{archive} is not torchvision's CIFAR-10 archive ({archive.stat().st_size:,} bytes, md5 "
-            f"{digest} instead of {CIFAR10.tgz_md5}): an interrupted download? It was not used; delete it"
+def _pick(labels: torch.Tensor, size: int | None, seed: int, name: str, source: str) -> torch.Tensor:
+    """:func:`balanced_subset` of one split, warning (at load_cifar10's caller) when ``size`` is too many."""
+    if size is not None and size > len(labels):
+        warnings.warn(
+            f"{name}={size} but {source} holds only {len(labels)} images of that split: using all {len(labels)}",
+            UserWarning,
+            stacklevel=3,
         )
-        return False
-    if mirror:
-        url = mirror_url(mirror, CIFAR10.filename)
-        try:
-            fetch(url, archive, md5=CIFAR10.tgz_md5)
-            return True
-        except DownloadError as err:
-            notes.append(f"the mirror failed: {err}")
-    return False
+    return balanced_subset(labels, size, seed)
 
 
 def load_cifar10(
@@ -189,251 +91,33 @@ def load_cifar10(
 
     ``train_size`` / ``val_size``: how many images of each split (class-balanced), None for all; more than
     the source holds gives all it holds, with a warning. ``mirror``: a base URL or folder holding
-    ``cifar-10-python.tar.gz`` (default ``$COURSE_CIFAR10_MIRROR``).
+    ``cifar-10-python.tar.gz`` (default ``$COURSE_CIFAR10_MIRROR``). When no source can be read, a
+    ``DataUnavailableError`` says which files to put where.
     """
     train_size = optional_whole_number(
         train_size, "train_size", example="5000", none_means="all training images"
     )
     val_size = optional_whole_number(val_size, "val_size", example="1000", none_means="all validation images")
     seed = whole_number(seed, "seed", minimum=0, example="0")
-    mirror = mirror if mirror is not None else os.environ.get(CIFAR10_MIRROR_ENV) or None
-    root = Path(root)
-    notes = []
-    source = None
-    if not (root / "cifar-10-batches-py").is_dir() and _cifar10_archive(root, mirror, notes):
-        try:  # a verified archive: torchvision extracts it without downloading
-            (train, val), source = (
-                _from_torchvision(root, download=True),
-                f"archive {root / 'cifar-10-python.tar.gz'}",
-            )
-        except (OSError, RuntimeError, tarfile.TarError) as err:
-            notes.append(f"extracting {root / 'cifar-10-python.tar.gz'} failed ({err})")
-    if source is None and (root / "cifar-10-batches-py").is_dir():
-        try:
-            (train, val), source = (
-                _from_torchvision(root, download=False),
-                f"local copy {root / 'cifar-10-batches-py'}",
-            )
-        except RuntimeError as err:
-            notes.append(
-                f"the copy in {root / 'cifar-10-batches-py'} is incomplete or corrupted ({err}); "
-                f"delete that folder to download it again"
-            )
-    offline = os.environ.get("COURSE_OFFLINE", "") in ("1", "true")
-    if source is None and (offline or not download):
-        notes.append(
-            "no download attempted (" + ("COURSE_OFFLINE is set" if offline else "download=False") + ")"
-        )
-    if (
-        source is None
-        and download
-        and not offline
-        and not mirror
-        and not (root / "cifar-10-python.tar.gz").exists()
-    ):
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            (train, val), source = _from_torchvision(root, download=True), f"torchvision download into {root}"
-        except (urllib.error.URLError, OSError, RuntimeError) as err:
-            notes.append(f"downloading CIFAR-10 failed ({type(err).__name__}: {err})")
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    full = source is not None
-    if not full:
-        shipped = root / SHIPPED_SUBSET
-        if not shipped.is_file():
-            raise DataUnavailableError(
-                "no CIFAR-10 to be had: "
-                + "; ".join(notes + [f"and the shipped subset {shipped} is missing"])
-                + f". Put torchvision's cifar-10-python.tar.gz into {root} (or its extracted "
-                f"cifar-10-batches-py folder), name a folder or URL holding it in ${CIFAR10_MIRROR_ENV}, "
-                f"or restore {SHIPPED_SUBSET} from the repository."
-            )
-        splits = read_image_tar(shipped)
-        if "train" not in splits or "val" not in splits:
-            raise DataUnavailableError(
-                f"{shipped} lacks its train/ or val/ images (found {sorted(splits)}): it is "
-                f"truncated or corrupted. Restore it with `git checkout -- {SHIPPED_SUBSET}` "
-                f"in data/."
-            )
-        train, val = splits["train"], splits["val"]
-        source = f"shipped subset {shipped}"
-    for name, size, split in (("train_size", train_size, train), ("val_size", val_size, val)):
-        if size is not None and size > len(split[1]):
-            warnings.warn(
-                f"{name}={size} but {source} holds only {len(split[1])} images of that split: "
-                f"using all {len(split[1])}",
-                UserWarning,
-                stacklevel=2,
-            )
-    train_idx = balanced_subset(train[1], train_size, seed)
-    val_idx = balanced_subset(val[1], val_size, seed + 1).sort().values
-    data = CifarData(train[0][train_idx], train[1][train_idx], val[0][val_idx], val[1][val_idx], source, full)
+    found = find_cifar10(root, download=download, mirror=mirror)
+    (train_images, train_labels), (val_images, val_labels) = found.train, found.val
+    train_idx = _pick(train_labels, train_size, seed, "train_size", found.source)
+    val_idx = _pick(val_labels, val_size, seed + 1, "val_size", found.source).sort().values  # keeps its order
+    data = CifarData(
+        train_images[train_idx],
+        train_labels[train_idx],
+        val_images[val_idx],
+        val_labels[val_idx],
+        found.source,
+        found.full,
+    )
     if verbose:
-        message = (
-            f"CIFAR-10: {len(data.train_labels)} train / {len(data.val_labels)} val images from {source}"
+        if not found.full:
+            print(subset_banner(found))
+        print(
+            f"CIFAR-10: {len(data.train_labels)} train / {len(data.val_labels)} val images from {found.source}"
         )
-        if not full:
-            message = (
-                "!" * 78 + "\n! " + "\n! ".join(notes) + "\n! USING THE SHIPPED SUBSET: only "
-                f"{len(train[1])} train / {len(val[1])} held-out images.\n! Accuracies are far below "
-                "those of the full 50,000 images. Go online once (or copy CIFAR-10 into data/)\n"
-                "! for the real numbers.\n" + "!" * 78 + "\n" + message
-            )
-        print(message)
     return data
-
-
-def build_subset(
-    source_tar: str | os.PathLike,
-    out: str | os.PathLike,
-    train_per_class: int = 500,
-    val_per_class: int = 100,
-    seed: int = 0,
-) -> Path:
-    """Re-pack a seeded, balanced sample of ``train/<class>/*.jpg`` into ``train/`` and ``val/`` (bytes unchanged).
-
-    This is how ``data/cifar10_subset.tar.gz`` was made from the CIFAR-10 training split as JPEG.
-    """
-    import random
-
-    out = Path(out)
-    by_class: dict[str, list[tarfile.TarInfo]] = {c: [] for c in CLASSES}
-    with tarfile.open(source_tar) as src:
-        members = [m for m in src.getmembers() if m.isfile()]
-        for m in members:
-            by_class[m.name.split("/")[-2]].append(m)
-        rng = random.Random(seed)
-        picked = []
-        for cls in CLASSES:
-            chosen = rng.sample(sorted(by_class[cls], key=lambda m: m.name), train_per_class + val_per_class)
-            picked += [(f"train/{cls}/{m.name.split('/')[-1]}", m) for m in chosen[:train_per_class]]
-            picked += [(f"val/{cls}/{m.name.split('/')[-1]}", m) for m in chosen[train_per_class:]]
-        tmp = out.with_suffix(".tmp")
-        with tarfile.open(tmp, "w:gz", compresslevel=9) as dst:
-            for name, m in sorted(picked, key=lambda x: x[0]):
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = m.size, 0o644, 0
-                dst.addfile(info, src.extractfile(m))
-    os.replace(tmp, out)
-    return out
-
-
-def build_local_copy(
-    source_tar: str | os.PathLike,
-    root: str | os.PathLike = DATA_DIR,
-    held_out_tar: str | os.PathLike | None = None,
-    held_out_split: str = "val",
-    train_batches: int = 5,
-) -> Path:
-    """CIFAR-10 in torchvision's on-disk layout, ``root/cifar-10-batches-py/``, built from JPEGs.
-
-    ``source_tar``: ``<split>/<class>/*.jpg`` members (e.g. the training split as JPEG,
-    ``cifar10-train-jpeg.tar.gz``). Every source image whose JPEG bytes equal one of ``held_out_tar``'s
-    ``held_out_split`` images (default: the shipped subset's 1,000 ``val/`` images, which are byte-identical
-    copies from that tar) goes into ``test_batch``, all others into ``data_batch_1..train_batches``, so the
-    validation split (torchvision's test split) never holds a training image and equals the shipped subset's.
-    Each held-out image must be found in the source (else ``ValueError``). The pickles have the official
-    release's format; ``course_local_copy.json`` beside them records their md5 sums (torchvision checks
-    those of the official files, which differ), which ``load_cifar10`` checks instead, the provenance and
-    the counts. Written into a temporary folder and renamed at the end; an existing folder is never replaced.
-    """
-    source_tar, root = Path(source_tar), Path(root)
-    held_out_tar = Path(held_out_tar) if held_out_tar else DATA_DIR / SHIPPED_SUBSET
-    target = root / "cifar-10-batches-py"
-    if target.exists():
-        raise ValueError(
-            f"{target} exists already: delete it to build the local copy again "
-            f"(it is never replaced, it may be torchvision's download)"
-        )
-
-    def jpegs(path: Path):
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.lower().endswith((".jpg", ".jpeg")):
-                        split, cls = member.name.split("/")[-3:-1]
-                        yield member.name, split, cls, tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as err:
-            raise DataUnavailableError(f"cannot read {path}: it is truncated or corrupted ({err})") from err
-
-    held_out = {
-        hashlib.sha256(blob).digest() for _, split, _, blob in jpegs(held_out_tar) if split == held_out_split
-    }
-    if not held_out:
-        raise ValueError(f"{held_out_tar} has no {held_out_split}/<class>/*.jpg images to hold out")
-    splits = {"train": [], "test": []}
-    found = set()
-    for name, _, cls, blob in jpegs(source_tar):
-        if cls not in CLASSES:
-            raise ValueError(f"{source_tar}:{name}: {cls!r} is not a CIFAR-10 class ({', '.join(CLASSES)})")
-        digest = hashlib.sha256(blob).digest()
-        if digest in held_out:
-            found.add(digest)
-        splits["test" if digest in held_out else "train"].append(
-            (name, CLASSES.index(cls), _decode(blob, f"{source_tar}:{name}"))
-        )
-    if found != held_out:
-        raise ValueError(
-            f"{len(held_out - found)} of the {len(held_out)} held-out images of {held_out_tar} are not "
-            f"in {source_tar}: build from the tar the subset was made from (data/README.md)"
-        )
-    if len(splits["train"]) < train_batches:
-        raise ValueError(f"{source_tar} has only {len(splits['train'])} training images")
-
-    def batch(rows, label):
-        rows = sorted(rows)  # by member name: the same files for the same tar, whatever its order
-        images = np.stack([image for _, _, image in rows])  # (N, 32, 32, 3) -> (N, 3072), channel planes
-        return {
-            "batch_label": label,
-            "labels": [c for _, c, _ in rows],
-            "data": np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(rows), -1)),
-            "filenames": [n.rsplit("/", 1)[-1] for n, _, _ in rows],
-        }
-
-    tmp = root / f".cifar-10-batches-py.tmp{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
-        train_rows = sorted(splits["train"])
-        bounds = np.linspace(0, len(train_rows), train_batches + 1).astype(int)
-        files = {
-            f"data_batch_{k + 1}": batch(
-                train_rows[bounds[k] : bounds[k + 1]], f"training batch {k + 1} of {train_batches}"
-            )
-            for k in range(train_batches)
-        }
-        files["test_batch"] = batch(splits["test"], f"held-out images of {held_out_tar.name}")
-        files["batches.meta"] = {
-            "label_names": list(CLASSES),
-            "num_vis": 3072,
-            "num_cases_per_batch": len(files["data_batch_1"]["labels"]),
-        }
-        md5 = {}
-        for name, content in files.items():
-            blob = pickle.dumps(content, protocol=4)
-            (tmp / name).write_bytes(blob)
-            md5[name] = hashlib.md5(blob).hexdigest()
-        (tmp / LOCAL_COPY_MANIFEST).write_text(
-            json.dumps(
-                {
-                    "source": source_tar.name,
-                    "held_out": f"{held_out_tar.name}:{held_out_split}/",
-                    "train": len(train_rows),
-                    "test": len(splits["test"]),
-                    "md5": md5,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
-    return target
 
 
 # ------------------------------------------------------------------------------ augmentation
@@ -474,6 +158,24 @@ def resize(images: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
         return resize_to(images.cpu()).to(images.device)
 
 
+def _described(x) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_images_and_labels(images, labels) -> None:
+    """``ValueError`` unless ``images`` is a non-empty uint8 (N, C, H, W) tensor with N integer labels."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"images must be a uint8 (N, C, H, W) tensor (as load_cifar10 gives them), got {_described(images)}"
+        )
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {_described(labels)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("no images: a TensorLoader needs at least one image")
+
+
 class TensorLoader:
     """Batches of normalised float images from a uint8 tensor kept on ``device``.
 
@@ -499,26 +201,7 @@ class TensorLoader:
         drop_last: bool | None = None,
         channels_last: bool = False,
     ):
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-            got = (
-                f"{images.dtype} {tuple(images.shape)}"
-                if isinstance(images, torch.Tensor)
-                else type(images).__name__
-            )
-            raise ValueError(
-                f"images must be a uint8 (N, C, H, W) tensor (as load_cifar10 gives them), got {got}"
-            )
-        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
-            got = (
-                f"{labels.dtype} {tuple(labels.shape)}"
-                if isinstance(labels, torch.Tensor)
-                else type(labels).__name__
-            )
-            raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {got}")
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if len(images) == 0:
-            raise ValueError("no images: a TensorLoader needs at least one image")
+        _check_images_and_labels(images, labels)
         batch_size = whole_number(batch_size, "batch_size", example="128")
         image_size = optional_whole_number(
             image_size, "image_size", example="224", none_means="keep the size"

@@ -1,4 +1,4 @@
-"""Runs that are trained once and reloaded afterwards, and the tables that compare them.
+"""Runs that are trained once and reloaded afterwards, and the rows of the tables that compare them.
 
 A notebook that compares strategies trains several models on the same data and budget; re-rendering it
 should not train them all again. :func:`run_cached` saves each run's :class:`~course_utils.train.History`
@@ -10,8 +10,7 @@ when it is there, saying so.
 random weights or from a plain ResNet18 first trained on the same images (a backbone with real BatchNorm
 statistics), and measures the jump at each stage boundary; :func:`summarize_study` gives means ± spread.
 
-:func:`resolve_config` sizes a notebook: the generic preset, then the notebook's own preset table, then
-the ``parameters`` cell's values that are not ``None`` (papermill ``-p``).
+The rows these functions return are shown with :func:`course_utils.plots.print_table`.
 """
 
 from __future__ import annotations
@@ -25,30 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import data as cdata
-from .batchnorm import BN_POLICIES
+from .batchnorm import BN_POLICIES, bn_statistics
 from .finetune import Schedule, three_stage_schedule
-from .machinery.presets import check_sizes, preset_name, resolve
+from .machinery.checkpoints import check_writable
+from .machinery.guards import check_fit_arguments
 from .models import layer_groups, resnet18_cbam, transplant
-from .train import History, check_writable, fit, seed_everything
+from .train import History, fit, seed_everything
 
 RESULTS_ROOT = Path(os.environ.get("COURSE_RESULTS", Path(__file__).resolve().parents[1] / "results"))
-
-
-def resolve_config(preset: str | None, table: Mapping[str, Mapping] | None = None, **overrides) -> dict:
-    """``presets.resolve`` with a notebook's own values per preset in between.
-
-    ``table``: ``{preset: {key: value}}`` for what the generic presets do not fit (e.g. fewer images for
-    VGG16); ``overrides``: the parameters cell (``None`` = not set). A list for ``epochs`` (as papermill
-    passes it) becomes a tuple.
-    """
-    name = preset_name(preset)
-    values = dict((table or {}).get(name, {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = resolve(name)
-    cfg.update(values)  # unlike resolve(**values), a notebook's explicit None (e.g. all images) is kept
-    if isinstance(cfg.get("epochs"), list):
-        cfg["epochs"] = tuple(cfg["epochs"])
-    return check_sizes(cfg)
 
 
 def results_dir(preset: str, root: str | os.PathLike | None = None) -> Path:
@@ -159,46 +142,6 @@ def comparison_table(histories: Mapping[str, History]) -> list[dict]:
     return rows
 
 
-def format_table(rows: Sequence[Mapping], floatfmt: str | Mapping[str, str] = ".3f") -> str:
-    """``rows`` (dicts with the same keys) as a plain-text table, numbers right-aligned.
-
-    ``floatfmt``: the format of floats, or ``{column: format}`` (other columns: ``.3f``).
-    """
-    if not rows:
-        return "(no rows)"
-    keys = list(rows[0])
-    formats = dict(floatfmt) if isinstance(floatfmt, Mapping) else dict.fromkeys(keys, floatfmt)
-
-    def cell(v, key):
-        if isinstance(v, float):
-            return format(v, formats.get(key, ".3f"))
-        if isinstance(v, int) and not isinstance(v, bool):
-            return f"{v:,}"
-        return "-" if v is None else str(v)
-
-    cells = [[cell(r.get(k), k) for k in keys] for r in rows]
-    numeric = [
-        all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows) for k in keys
-    ]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-
-    def line(values):
-        return "  ".join(
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
-        ).rstrip()
-
-    return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
-
-
-def print_table(
-    rows: Sequence[Mapping], title: str | None = None, floatfmt: str | Mapping[str, str] = ".3f"
-) -> None:
-    """Print :func:`format_table` (with a title line): plain text, so nbval compares it exactly."""
-    if title:
-        print(title)
-    print(format_table(rows, floatfmt))
-
-
 # ------------------------------------------------------------------------------ BatchNorm policies
 def train_backbone(
     train_loader,
@@ -289,12 +232,8 @@ def bn_policy_study(
             )
         for policy in policies:
             seed_everything(seed)
-            model = resnet18_cbam(weights=None, placement="stage", stem=stem)
-            if backbone is not None:
-                left = transplant(backbone, model)
-                assert all("cbam" in k.split(".") for k in left), left
             history = fit(
-                model,
+                _study_model(stem, backbone),
                 schedule,
                 train_loader,
                 val_loader,
@@ -306,6 +245,15 @@ def bn_policy_study(
             histories[policy, seed] = history
             rows.append({"start": start, "policy": policy, "seed": seed, **policy_row(history)})
     return rows, histories
+
+
+def _study_model(stem: str, backbone=None):
+    """ResNet18 with a CBAM after each stage: random, or with ``backbone``'s weights moved in (all but CBAM's)."""
+    model = resnet18_cbam(weights=None, placement="stage", stem=stem)
+    if backbone is not None:
+        left = transplant(backbone, model)
+        assert all("cbam" in k.split(".") for k in left), left
+    return model
 
 
 def policy_row(history: History) -> dict:
@@ -352,6 +300,7 @@ def compare_bn_policies(
     seed: int = 0,
     probe=None,
     layer: str | None = None,
+    on_epoch_end: Callable[[History], object] | None = None,
     **fit_kwargs,
 ) -> tuple[dict, dict]:
     """``schedule`` once per BatchNorm policy from ``model_fn()`` (after ``seed_everything(seed)``, so every
@@ -359,36 +308,44 @@ def compare_bn_policies(
 
     With ``probe`` (a batch of images) and ``layer`` (a BatchNorm's name, e.g. ``"layer3.0.bn1"``), that
     layer's stored and batch statistics (:func:`~course_utils.batchnorm.bn_statistics`) are recorded before
-    training and after every epoch. Returns ``({policy: History}, {policy: [row per epoch, from epoch 0]})``.
+    training and after every epoch. ``on_epoch_end`` is called after every epoch of every policy, as in
+    ``fit``. Returns ``({policy: History}, {policy: [row per epoch, from epoch 0]})``.
     """
-    from .batchnorm import bn_statistics
-
     histories, stats = {}, {}
     for policy in policies:
         seed_everything(seed)
         model = model_fn()
-        rows = stats[policy] = []
-
-        def record(history, model=model, rows=rows):
-            if probe is not None and layer is not None:
-                group = next(r for r in bn_statistics(model, probe) if r["layer"] == layer)
-                rows.append(
-                    {
-                        "epoch": len(history) if history is not None else 0,
-                        "stage": history.rows[-1]["stage"] if history is not None else "(start)",
-                        **group,
-                    }
-                )
-
+        check_fit_arguments(model, schedule, on_epoch_end=on_epoch_end)  # before recording anything
+        schedule.plan_for(model)  # an unknown group is named before recording anything
+        record = _bn_recorder(model, probe, layer, stats.setdefault(policy, []))
         record(None)
-        user_hook = fit_kwargs.pop("on_epoch_end", None)
+
+        def after_epoch(history, record=record):
+            record(history)
+            if on_epoch_end is not None:
+                on_epoch_end(history)
+
         histories[policy] = fit(
             model,
             schedule,
             train_loader,
             val_loader,
             bn_policy=policy,
-            on_epoch_end=lambda h, record=record: (record(h), user_hook and user_hook(h)),
+            on_epoch_end=after_epoch,
             **fit_kwargs,
         )
     return histories, stats
+
+
+def _bn_recorder(model, probe, layer: str | None, rows: list) -> Callable[[History | None], None]:
+    """A function that appends ``layer``'s BatchNorm statistics on ``probe`` to ``rows`` (``None``: before
+    training), or does nothing without a probe and a layer."""
+
+    def record(history: History | None) -> None:
+        if probe is None or layer is None:
+            return
+        stats = next(r for r in bn_statistics(model, probe) if r["layer"] == layer)
+        epoch, stage = (0, "(start)") if history is None else (len(history), history.rows[-1]["stage"])
+        rows.append({"epoch": epoch, "stage": stage, **stats})
+
+    return record

@@ -118,7 +118,7 @@ class Stage:
             )
         lrs = self.lr.items() if isinstance(self.lr, dict) else [("lr", self.lr)]
         for key, value in lrs:
-            positive_number(value, f"stage {self.name!r}: learning rate {key}")
+            positive_number(value, f"stage {self.name!r}: learning rate {key}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -226,31 +226,38 @@ class Schedule:
         return self.plan(list(layer_groups(model)), new_groups_of(model), high_groups_of(model))
 
     def table(
-        self, model: nn.Module | None = None, groups=None, new_groups=NEW_GROUPS, high_groups=None
+        self,
+        model: nn.Module | None = None,
+        groups: Sequence[str] | None = None,
+        new_groups: Collection[str] = NEW_GROUPS,
+        high_groups: Collection[str] | None = None,
+        *,
+        by_rate: bool = False,
     ) -> list[dict]:
-        """One row per stage: epochs, trainable groups and learning rates (resolved if a model is given)."""
+        """One row per stage: its epochs, trainable groups and learning rates, as the stage says them, or
+        resolved for a model (or its ``groups``): ``layer3=0.0001, head=0.0001``; with ``by_rate=True``
+        grouped by value instead, ``1.0e-04 (pretrained) · 1.0e-03 (new)`` (the schedule panel's preview)."""
         if model is not None:
-            groups, new_groups, high_groups = (
-                list(layer_groups(model)),
-                new_groups_of(model),
-                high_groups_of(model),
-            )
+            groups, new_groups, high_groups = layer_groups(model), new_groups_of(model), high_groups_of(model)
         rows = []
         for stage, (_, first, last) in zip(self.stages, self.boundaries()):
             row = {"stage": stage.name, "epochs": f"{first}-{last}", **({"bn": stage.bn} if stage.bn else {})}
             if groups is None:
-                row["trainable"] = ", ".join(stage.trainable)
-                row["lr"] = (
-                    ", ".join(f"{k}={v:g}" for k, v in stage.lr.items())
-                    if isinstance(stage.lr, dict)
-                    else f"{stage.lr:g}"
-                )
+                row["trainable"], row["lr"] = ", ".join(stage.trainable), _rates_text(stage.lr)
             else:
-                trainable, lr = self.resolve(stage, groups, new_groups, high_groups)
+                trainable, lr = self.resolve(stage, list(groups), new_groups, high_groups)
                 row["trainable"] = ", ".join(trainable)
-                row["lr"] = ", ".join(f"{g}={lr[g]:g}" for g in trainable)
+                row["lr"] = (
+                    _rates_by_value(trainable, lr, new_groups)
+                    if by_rate
+                    else _rates_text({g: lr[g] for g in trainable})
+                )
             rows.append(row)
         return rows
+
+    def summary(self) -> str:
+        """One line, a row of :meth:`table` per stage: ``1-5 head+cbam @0.001 | 6-20 +high @0.0001 | ...``."""
+        return " | ".join(f"{r['epochs']} {r['stage'].split(' ', 1)[-1]} @{r['lr']}" for r in self.table())
 
     def to_dict(self) -> list[dict]:
         """One dict per stage; ``bn`` only where a stage sets it (so older saved schedules stay equal)."""
@@ -274,6 +281,27 @@ class Schedule:
 
     def __repr__(self):
         return "Schedule([\n" + "".join(f"  {s!r},\n" for s in self.stages) + "])"
+
+
+def _rates_text(lr: float | Mapping[str, float]) -> str:
+    """``0.001``, or ``new=0.001, pretrained=1e-05`` for a dict."""
+    return ", ".join(f"{k}={v:g}" for k, v in lr.items()) if isinstance(lr, Mapping) else f"{lr:g}"
+
+
+def _rates_by_value(trainable: Sequence[str], lr: Mapping[str, float], new_groups: Collection[str]) -> str:
+    """``1.0e-03`` for one rate; for more, each with its groups: ``1.0e-04 (pretrained) · 1.0e-03 (new)``."""
+    by_rate: dict[float, list[str]] = {}
+    for g in trainable:
+        by_rate.setdefault(lr[g], []).append(g)
+    if len(by_rate) == 1:
+        return f"{lr[trainable[0]]:.1e}"
+    new = [g for g in trainable if g in new_groups]
+    old = [g for g in trainable if g not in new_groups]
+
+    def who(gs: list[str]) -> str:
+        return "new" if gs == new else "pretrained" if gs == old else ", ".join(gs)
+
+    return " · ".join(f"{rate:.1e} ({who(gs)})" for rate, gs in by_rate.items())
 
 
 def three_stage_schedule(

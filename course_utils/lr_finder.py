@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .finetune import EpochPlan, Schedule, Stage, make_optimizer
-from .machinery import devices, precision
+from .machinery import checks, devices, precision
 from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
 
 SKIP_START = 0.1  # the first 10 % of the steps (the loss still settles at tiny rates) are not considered
@@ -82,6 +83,13 @@ class LRFinderResult:
 
     def __len__(self):
         return len(self.multiplier)
+
+    def record(self, multiplier: float, lrs: dict[str, float], loss: float, smoothed: float) -> None:
+        """Append one step of the sweep."""
+        self.multiplier.append(multiplier)
+        self.lrs.append(lrs)
+        self.loss.append(loss)
+        self.smoothed.append(smoothed)
 
     def _window(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The part of the curve the rules look at: without the first 10 % and the last 5 steps, and
@@ -249,10 +257,7 @@ class _Snapshot:
         self.modes = [(m, m.training) for m in model.modules()]
         self.optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         self.loader_epoch = getattr(loader, "epoch", None)
-        self.python_rng = random.getstate()
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.mps_rng = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+        self.rngs = _rng_states()
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -268,12 +273,145 @@ class _Snapshot:
             self.optimizer.load_state_dict(self.optimizer_state)
         if self.loader_epoch is not None:
             self.loader.epoch = self.loader_epoch
-        random.setstate(self.python_rng)
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        if self.mps_rng is not None:
-            torch.mps.set_rng_state(self.mps_rng)
+        _set_rng_states(*self.rngs)
+
+
+@contextmanager
+def _restored_afterwards(model: nn.Module, optimizer, loader, seed: int):
+    """For the sweep: the global RNGs seeded with ``seed``; on the way out (also on an error) everything
+    put back as it was (:class:`_Snapshot`) and the memory the sweep freed given back."""
+    snapshot = _Snapshot(model, optimizer, loader)
+    try:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        yield
+    finally:
+        snapshot.restore()
+        devices.release_freed_memory()
+
+
+def _rng_states() -> tuple:
+    """The global RNGs' states: ``random``, torch CPU, CUDA and MPS (``None`` where there is no such device)."""
+    return (
+        random.getstate(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+    )
+
+
+def _set_rng_states(python_rng, torch_rng, cuda_rng, mps_rng) -> None:
+    random.setstate(python_rng)
+    torch.set_rng_state(torch_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if mps_rng is not None:
+        torch.mps.set_rng_state(mps_rng)
+
+
+def _check_sweep(start_lr, end_lr, num_steps, smooth, diverge) -> tuple[float, float, int]:
+    """The sweep's settings, checked before anything changes: ``(start_lr, end_lr, num_steps)``."""
+    start_lr = checks.positive_number(start_lr, "start_lr", example="1e-7")
+    end_lr = checks.positive_number(end_lr, "end_lr", example="10")
+    if start_lr >= end_lr:
+        raise ValueError(f"start_lr ({start_lr:g}) must be below end_lr ({end_lr:g}): the sweep goes up")
+    num_steps = checks.whole_number(num_steps, "num_steps", minimum=10, example="100")
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+    if not diverge > 1:
+        raise ValueError(f"diverge must be above 1 (a multiple of the best loss), got {diverge!r}")
+    return start_lr, end_lr, num_steps
+
+
+def _passed_optimizer(optimizer, model: nn.Module):
+    """The optimizer to sweep with when one was passed (checked: made by ``make_optimizer`` for ``model``),
+    ``None`` for ``"adamw"`` / ``"sgd"`` (a new one is made)."""
+    if isinstance(optimizer, str):
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(
+                f"optimizer must be 'adamw', 'sgd' or an optimizer from make_optimizer, got {optimizer!r}"
+            )
+        return None
+    missing = [i for i, g in enumerate(optimizer.param_groups) if "group" not in g]
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if missing or any(id(p) not in owned for p in model.parameters()):
+        raise ValueError(
+            "the optimizer must be made by course_utils.finetune.make_optimizer(model) for this "
+            "model (its param groups carry the layer-group names the stage refers to)"
+        )
+    return optimizer
+
+
+def _shares(plan: EpochPlan) -> dict[str, float]:
+    """Each trainable group's learning rate as a fraction of the stage's largest."""
+    trainable = [g for g in plan.lr if g in plan.trainable]
+    top = max(plan.lr[g] for g in trainable)
+    return {g: plan.lr[g] / top for g in trainable}
+
+
+def _multipliers(start_lr: float, end_lr: float, num_steps: int):
+    """``num_steps`` multipliers from ``start_lr`` to ``end_lr``, each a fixed factor above the last."""
+    ratio = (end_lr / start_lr) ** (1 / (num_steps - 1))
+    return (start_lr * ratio**step for step in range(num_steps))
+
+
+class _SmoothedLoss:
+    """The loss's exponential moving average, bias-corrected (as fastai's finder): ``add`` returns it."""
+
+    def __init__(self, smooth: float):
+        self.smooth, self.average, self.steps = smooth, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        self.average = self.smooth * self.average + (1 - self.smooth) * loss
+        self.steps += 1
+        return self.average / (1 - self.smooth**self.steps)
+
+
+class _StageTrainer:
+    """``fit``'s training for one stage, a step at a time: the model prepared as ``fit`` prepares it (device,
+    channels_last), the optimizer set up for the stage's first epoch (frozen groups at learning rate 0,
+    BatchNorm as the stage has it), and the precision ``fit`` would pick (decided at the first batch)."""
+
+    def __init__(
+        self, model, plan, loader, optimizer, device, weight_decay, label_smoothing, amp, channels_last
+    ):
+        self.model, self.device, self.amp, self.label_smoothing = model, device, amp, label_smoothing
+        self.channels_last = prepare_model(
+            model,
+            device,
+            channels_last,
+            precision.loader_image_size(loader),
+            getattr(loader, "batch_size", None),
+        )
+        if isinstance(optimizer, str):
+            optimizer = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
+        self.optimizer = optimizer
+        start_epoch(model, optimizer, plan)
+
+    def set_lr(self, multiplier: float, shares: dict[str, float]) -> None:
+        """Each group's learning rate: ``multiplier`` × its share (0 for a frozen group)."""
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = multiplier * shares.get(param_group["group"], 0.0)
+
+    def lrs(self) -> dict[str, float]:
+        """``{group: lr}`` as in force."""
+        return {pg["group"]: pg["lr"] for pg in self.optimizer.param_groups}
+
+    def step(self, images, labels) -> float:
+        """One training step (:func:`~course_utils.train.train_step`); returns its loss."""
+        images, labels = batch_to_device(images, labels, self.device, self.channels_last)
+        if self.amp is None:
+            self.amp = default_amp(self.device, images.shape[-2:], self.model, self.channels_last)
+        loss, _ = train_step(
+            self.model, self.optimizer, images, labels, amp=self.amp, label_smoothing=self.label_smoothing
+        )
+        return loss.item()
+
+
+def _progress_bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not progress)
 
 
 def lr_find(
@@ -309,93 +447,29 @@ def lr_find(
     :func:`~course_utils.finetune.make_optimizer` for this model (used, then restored).
     ``device``, ``weight_decay``, ``label_smoothing``, ``amp``, ``channels_last``: as in ``fit``.
     """
-    from tqdm.auto import tqdm
-
-    # -- every check before anything changes
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if start_lr >= end_lr:
-        raise ValueError(f"start_lr ({start_lr:g}) must be below end_lr ({end_lr:g}): the sweep goes up")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 10:
-        raise ValueError(f"num_steps must be a whole number of at least 10, got {num_steps!r}")
-    if not 0 <= smooth < 1:
-        raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
-    if not diverge > 1:
-        raise ValueError(f"diverge must be above 1 (a multiple of the best loss), got {diverge!r}")
+    # every check before anything changes
+    start_lr, end_lr, num_steps = _check_sweep(start_lr, end_lr, num_steps, smooth, diverge)
     stage, plan = _select_stage(stage, which, model)
-    trainable = [g for g in plan.lr if g in plan.trainable]
-    top = max(plan.lr[g] for g in trainable)
-    shares = {g: plan.lr[g] / top for g in trainable}
-    if isinstance(optimizer, str):
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(
-                f"optimizer must be 'adamw', 'sgd' or an optimizer from make_optimizer, got {optimizer!r}"
-            )
-        passed = None
-    else:
-        missing = [i for i, g in enumerate(optimizer.param_groups) if "group" not in g]
-        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if missing or any(id(p) not in owned for p in model.parameters()):
-            raise ValueError(
-                "the optimizer must be made by course_utils.finetune.make_optimizer(model) for this "
-                "model (its param groups carry the layer-group names the stage refers to)"
-            )
-        passed = optimizer
+    passed = _passed_optimizer(optimizer, model)
     device = torch.device(device) if device else default_device()
-
-    result = LRFinderResult(stage=stage, shares=shares)
-    snapshot = _Snapshot(model, passed, train_loader)
-    try:
-        torch.manual_seed(seed)
-        random.seed(seed)
-        channels_last = prepare_model(
-            model,
-            device,
-            channels_last,
-            precision.loader_image_size(train_loader),
-            getattr(train_loader, "batch_size", None),
+    result = LRFinderResult(stage=stage, shares=_shares(plan))
+    with _restored_afterwards(model, passed, train_loader, seed):  # the model is left exactly as it was
+        trainer = _StageTrainer(
+            model, plan, train_loader, optimizer, device, weight_decay, label_smoothing, amp, channels_last
         )
-        opt = (
-            passed
-            if passed is not None
-            else make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
-        )
-        start_epoch(model, opt, plan)
-        ratio = (end_lr / start_lr) ** (1 / (num_steps - 1))
-        average, best = 0.0, math.inf
-        bar = tqdm(total=num_steps, desc=f"lr_find [{stage.name}]", leave=False, disable=not progress)
-        try:
-            for step, (images, labels) in enumerate(
-                _batches(train_loader, plan.epoch, num_steps, result.notes)
-            ):
-                multiplier = start_lr * ratio**step
-                for param_group in opt.param_groups:
-                    param_group["lr"] = multiplier * shares.get(param_group["group"], 0.0)
-                images, labels = batch_to_device(images, labels, device, channels_last)
-                if amp is None:
-                    amp = default_amp(device, images.shape[-2:], model, channels_last)
-                loss, _ = train_step(model, opt, images, labels, amp=amp, label_smoothing=label_smoothing)
-                value = loss.item()
-                average = smooth * average + (1 - smooth) * value
-                smoothed = average / (1 - smooth ** (step + 1))
-                result.multiplier.append(multiplier)
-                result.lrs.append({pg["group"]: pg["lr"] for pg in opt.param_groups})  # as in force
-                result.loss.append(value)
-                result.smoothed.append(smoothed)
+        batches = _batches(train_loader, plan.epoch, num_steps, result.notes)
+        loss_average, best = _SmoothedLoss(smooth), math.inf
+        with _progress_bar(num_steps, f"lr_find [{stage.name}]", progress) as bar:
+            for multiplier, (images, labels) in zip(_multipliers(start_lr, end_lr, num_steps), batches):
+                trainer.set_lr(multiplier, result.shares)  # every group: multiplier × its share
+                loss = trainer.step(images, labels)  # fit's own training step
+                smoothed = loss_average.add(loss)
+                result.record(multiplier, trainer.lrs(), loss, smoothed)
                 bar.update(1)
-                if not math.isfinite(smoothed) or smoothed > diverge * best:
+                if not math.isfinite(smoothed) or smoothed > diverge * best:  # the loss exploded: stop
                     result.diverged = True
                     break
                 best = min(best, smoothed)
-                if step + 1 == num_steps:
-                    break
-        finally:
-            bar.close()
-    finally:
-        snapshot.restore()
-        devices.release_freed_memory()
-    if progress:
-        for note in result.notes:
-            print(f"lr_find: {note}")
+    for note in result.notes if progress else []:
+        print(f"lr_find: {note}")
     return result

@@ -1,8 +1,9 @@
-"""Pictures for the course: curves with stages shaded, learning rates per group, weight drift,
-attention maps, feature maps, confusion matrices and strategy comparisons.
+"""What the course shows: figures — curves with stages shaded, learning rates per group, weight drift,
+attention maps, feature maps, confusion matrices and strategy comparisons — and plain-text tables.
 
-Every function returns a closed matplotlib ``Figure`` (shown once when it is a cell's last value,
+Every ``plot_…`` function returns a closed matplotlib ``Figure`` (shown once when it is a cell's last value,
 or with ``display(fig)``), so nothing is drawn twice and no figures pile up in widget outputs.
+:func:`print_table` prints rows (dicts) as plain text, which nbval compares exactly.
 """
 
 from __future__ import annotations
@@ -347,3 +348,46 @@ def plot_runs(
         fig.suptitle(title, y=1.04)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ tables
+def format_table(rows: Sequence[Mapping], floatfmt: str | Mapping[str, str] = ".3f") -> str:
+    """``rows`` (dicts with the same keys) as a plain-text table, numbers right-aligned.
+
+    ``floatfmt``: the format of floats, or ``{column: format}`` (other columns: ``.3f``).
+    """
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    formats = dict(floatfmt) if isinstance(floatfmt, Mapping) else dict.fromkeys(keys, floatfmt)
+    cells = [[_cell(r.get(k), formats.get(k, ".3f")) for k in keys] for r in rows]
+    numeric = [all(_is_number(r.get(k)) for r in rows) for k in keys]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+
+    def line(values):
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ).rstrip()
+
+    return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(value, floatfmt: str) -> str:
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def print_table(
+    rows: Sequence[Mapping], title: str | None = None, floatfmt: str | Mapping[str, str] = ".3f"
+) -> None:
+    """Print :func:`format_table` (with a title line): plain text, so nbval compares it exactly."""
+    if title:
+        print(title)
+    print(format_table(rows, floatfmt))

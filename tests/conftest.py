@@ -24,9 +24,9 @@ torch.set_num_threads(TEST_THREADS)
 # tests/test_precision.py tests the measurement itself.
 os.environ.setdefault("COURSE_PRECISION", "rule")
 
-from _helpers import make_loaders, random_images
+from _helpers import make_loaders, random_images  # noqa: E402 - after the environment above
 
-from course_utils import data as cdata
+from course_utils import data as cdata  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

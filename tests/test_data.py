@@ -20,14 +20,15 @@ from course_utils.data import (
     CIFAR_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    DataUnavailableError,
     TensorLoader,
     balanced_subset,
     crop_flip,
     load_cifar10,
 )
+from course_utils.machinery import datafiles
+from course_utils.machinery.datafiles import DataUnavailableError
 
-SHIPPED = Path(cdata.__file__).resolve().parents[1] / "data" / cdata.SHIPPED_SUBSET
+SHIPPED = Path(cdata.__file__).resolve().parents[1] / "data" / datafiles.SHIPPED_SUBSET
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def shipped_root(tmp_path):
     """A data folder holding only (a link to) the shipped subset."""
     root = tmp_path / "data"
     root.mkdir()
-    (root / cdata.SHIPPED_SUBSET).symlink_to(SHIPPED)
+    (root / datafiles.SHIPPED_SUBSET).symlink_to(SHIPPED)
     return root
 
 
@@ -64,7 +65,7 @@ def small_root(tmp_path):
     """A data folder whose subset tarball holds 3 train and 2 val images per class (quick to read)."""
     root = tmp_path / "small"
     root.mkdir()
-    write_image_tar(root / cdata.SHIPPED_SUBSET)
+    write_image_tar(root / datafiles.SHIPPED_SUBSET)
     return root
 
 
@@ -104,7 +105,7 @@ def test_whole_shipped_subset_is_balanced_and_real(shipped_root, monkeypatch):
 
 def test_course_offline_skips_the_download(small_root, monkeypatch, capsys):
     calls = []
-    real = cdata._from_torchvision
+    real = datafiles.from_torchvision
 
     def spy(root, download):
         calls.append(download)
@@ -112,7 +113,7 @@ def test_course_offline_skips_the_download(small_root, monkeypatch, capsys):
             raise urllib.error.URLError("no network (test)")
         return real(root, download)
 
-    monkeypatch.setattr(cdata, "_from_torchvision", spy)
+    monkeypatch.setattr(datafiles, "from_torchvision", spy)
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     data = load_cifar10(small_root, train_size=20, val_size=10)
     assert calls == [] and data.source.startswith("shipped subset")
@@ -128,22 +129,24 @@ def test_no_source_at_all_says_what_to_put_where(tmp_path, monkeypatch):
         load_cifar10(tmp_path)
     message = str(info.value)
     assert (
-        "cifar-10-python.tar.gz" in message and str(tmp_path) in message and cdata.SHIPPED_SUBSET in message
+        "cifar-10-python.tar.gz" in message
+        and str(tmp_path) in message
+        and datafiles.SHIPPED_SUBSET in message
     )
 
 
 def test_truncated_shipped_subset_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     blob = SHIPPED.read_bytes()
-    (tmp_path / cdata.SHIPPED_SUBSET).write_bytes(blob[: len(blob) // 3])
+    (tmp_path / datafiles.SHIPPED_SUBSET).write_bytes(blob[: len(blob) // 3])
     with pytest.raises(DataUnavailableError) as info:
         load_cifar10(tmp_path)
-    assert str(tmp_path / cdata.SHIPPED_SUBSET) in str(info.value)
+    assert str(tmp_path / datafiles.SHIPPED_SUBSET) in str(info.value)
 
 
 def test_subset_without_val_split_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_OFFLINE", "1")
-    write_image_tar(tmp_path / cdata.SHIPPED_SUBSET, splits=(("train", 1),))
+    write_image_tar(tmp_path / datafiles.SHIPPED_SUBSET, splits=(("train", 1),))
     with pytest.raises(DataUnavailableError, match="val"):
         load_cifar10(tmp_path)
 

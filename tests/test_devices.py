@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from course_utils import data, finetune, train
-from course_utils.machinery import devices
+from course_utils.machinery import devices, runtime
 from course_utils.models import resnet18_cbam
 
 HAS_MPS = devices._mps_available()
@@ -83,8 +83,8 @@ def test_tensor_loader_defaults_to_the_chosen_device(machine, monkeypatch):
 def test_mps_trains_in_fp32_without_channels_last():
     mps = torch.device("mps")
     assert train.default_amp(mps, 32) is False
-    assert train.default_channels_last(resnet18_cbam(), mps) is False
-    assert train.default_channels_last(resnet18_cbam(), torch.device("cpu")) is True
+    assert runtime.default_channels_last(resnet18_cbam(), mps) is False
+    assert runtime.default_channels_last(resnet18_cbam(), torch.device("cpu")) is True
 
 
 def test_fused_adamw_only_where_torch_has_the_kernel(monkeypatch):

@@ -1,4 +1,5 @@
-"""course_utils.experiments: runs saved once and reloaded, config resolution, comparison tables."""
+"""course_utils.experiments: runs saved once and reloaded, comparison tables (and their text: plots.format_table);
+machinery.presets.resolve: a notebook's sizes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from course_utils import experiments, finetune, models
+from course_utils import experiments, finetune, models, plots
 from course_utils.machinery import presets
 from course_utils.train import History
 
@@ -127,14 +128,19 @@ def test_comparison_table_and_text():
         "trainable params": "10 → 1,000",
     }
     assert rows[1]["trainable params"] == "7"
-    text = experiments.format_table(rows).splitlines()
+    text = plots.format_table(rows).splitlines()
     assert text[0].startswith("strategy") and set(text[1]) <= {"-", " "}
     assert len(text) == 4 and "0.400" in text[2] and "1,000" in text[2]
 
 
-def test_resolve_config_precedence():
+def test_print_table_titles_the_text(capsys):
+    plots.print_table([{"run": "a", "acc": 0.5}], title="runs", floatfmt={"acc": ".1%"})
+    assert capsys.readouterr().out.splitlines() == ["runs", "run    acc", "---  -----", "a    50.0%"]
+
+
+def test_resolve_precedence_with_a_notebook_table():
     table = {"smoke": {"train_size": 64, "batch_size": 32}, "full": {"train_size": None}}
-    cfg = experiments.resolve_config("smoke", table, train_size=None, batch_size=16, epochs=[1, 2, 1], seed=0)
+    cfg = presets.resolve("smoke", table, train_size=None, batch_size=16, epochs=[1, 2, 1], seed=0)
     assert cfg == {
         **presets.PRESETS["smoke"],
         "preset": "smoke",
@@ -143,8 +149,50 @@ def test_resolve_config_precedence():
         "epochs": (1, 2, 1),
         "seed": 0,
     }
-    assert experiments.resolve_config("full", table)["train_size"] is None
-    assert experiments.resolve_config("quick", table) == presets.resolve("quick")
+    assert presets.resolve("full", table)["train_size"] is None
+    assert presets.resolve("quick", table) == presets.resolve("quick")
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ({"smok": {"train_size": 64}}, "unknown presets"),
+        ({"smoke": 64}, "table must be"),
+        ([1], "table must"),
+    ],
+)
+def test_resolve_refuses_a_table_that_is_not_per_preset(table, match):
+    with pytest.raises(ValueError, match=match):
+        presets.resolve("quick", table)
+
+
+def test_compare_bn_policies_calls_the_hook_for_every_policy(monkeypatch, loaders):
+    """The caller's ``on_epoch_end`` runs after every epoch of every policy (not only the first policy's), next
+    to the BatchNorm statistics recorded per epoch."""
+
+    def fit(model, schedule, *args, on_epoch_end=None, **kwargs):
+        h = History()
+        for plan in schedule.plan_for(model):
+            h.append({"epoch": plan.epoch, "stage": plan.stage, "val_acc": 0.1, "seconds": 0.0})
+            on_epoch_end(h)
+        return h
+
+    monkeypatch.setattr(experiments, "fit", fit)
+    seen = []
+    probe = next(iter(loaders[0]))[0]
+    histories, stats = experiments.compare_bn_policies(
+        build,
+        SCHEDULE,
+        *loaders,
+        probe=probe,
+        layer="layer3.0.bn1",
+        on_epoch_end=lambda h: seen.append(len(h)),
+    )
+    assert list(histories) == list(experiments.BN_POLICIES)
+    assert seen == [1, 2, 3] * len(experiments.BN_POLICIES)
+    assert all([r["epoch"] for r in rows] == [0, 1, 2, 3] for rows in stats.values())
+    with pytest.raises(TypeError, match="on_epoch_end"):
+        experiments.compare_bn_policies(build, SCHEDULE, *loaders, on_epoch_end="plot")
 
 
 def test_run_path_is_stable_and_safe(tmp_path):

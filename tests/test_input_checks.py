@@ -12,11 +12,12 @@ import torch
 from _helpers import differing, random_images, reference_loaders, reference_model
 
 from course_utils import data as cdata
-from course_utils import experiments, finetune, train
+from course_utils import experiments, finetune
 from course_utils.finetune import one_stage_schedule, three_stage_schedule
-from course_utils.machinery import presets
+from course_utils.machinery import checkpoints, presets
+from course_utils.machinery.batches import check_batch
 from course_utils.models import resnet18_cbam, stage_table, vgg16_cbam
-from course_utils.train import BatchError, CheckpointError, check_batch, evaluate, fit
+from course_utils.train import BatchError, CheckpointError, evaluate, fit
 
 TIMING = ("seconds", "images_per_s")
 
@@ -263,7 +264,7 @@ def test_checkpoint_probe_leaves_nothing_behind(tmp_path):
         progress=False,
     )
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["run.ckpt"]
-    assert train.load_checkpoint(ckpt)["epoch"] == 1
+    assert checkpoints.load_checkpoint(ckpt)["epoch"] == 1
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -394,7 +395,7 @@ def test_presets_refuse_bad_sizes_where_the_notebook_sets_them(override, name):
     with pytest.raises(ValueError, match=name):
         presets.resolve("smoke", **override)
     with pytest.raises(ValueError, match=name):
-        experiments.resolve_config("smoke", {"smoke": {}}, **override)
+        presets.resolve("smoke", {"smoke": {}}, **override)
 
 
 def test_numpy_integers_are_accepted_as_sizes():
@@ -507,19 +508,19 @@ def test_make_loaders_wants_load_cifar10s_data():
 
 
 @pytest.mark.slow
-def test_the_panel_opens_on_vgg16_and_its_presets_work():
+def test_the_panel_opens_on_vgg16_and_its_templates_work():
     from course_utils import widgets
 
     torch.manual_seed(0)
     vgg = vgg16_cbam(placement="stage")
     panel = widgets.schedule_designer(vgg, epochs=(1, 1, 1))
     assert panel.error == "" and panel.schedule == three_stage_schedule(epochs=(1, 1, 1))
-    assert "block4, block5, cbam, head" in panel.w_table.value
-    assert [t.value for t in panel.w_train[1].values()] == [
+    assert "block4, block5, cbam, head" in panel.preview.w_table.value
+    assert [t.value for t in panel.controls.w_train[1].values()] == [
         g in ("block4", "block5", "cbam", "head") for g in panel.groups
     ]
-    for name, make in widgets.PRESETS.items():
-        panel.w_preset.value = name
+    for name, make in widgets.TEMPLATES.items():
+        panel.controls.w_template.value = name
         assert panel.error == "", (name, panel.error)
         assert panel.schedule == make((1, 1, 1)), name
     groups, new = list(finetune.layer_groups(vgg)), vgg.new_groups

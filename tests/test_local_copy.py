@@ -1,4 +1,4 @@
-"""``data.build_local_copy``: CIFAR-10 in torchvision's on-disk layout from a JPEG tar, held-out images kept out."""
+"""``machinery.datafiles.build_local_copy``: CIFAR-10 in torchvision's on-disk layout from a JPEG tar, held-out images kept out."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from course_utils import data as cdata
+from course_utils.machinery import datafiles
 
 
 def jpeg(rng) -> bytes:
@@ -62,7 +63,7 @@ def image_set(images):
 
 def test_layout_loads_as_the_local_copy_with_the_held_out_images_as_validation(tars, tmp_path, capsys):
     root = tmp_path / "data"
-    target = cdata.build_local_copy(tars["source"], root, held_out_tar=tars["subset"])
+    target = datafiles.build_local_copy(tars["source"], root, held_out_tar=tars["subset"])
     assert target == root / "cifar-10-batches-py"
     assert sorted(p.name for p in target.iterdir()) == [
         "batches.meta",
@@ -85,7 +86,7 @@ def test_layout_loads_as_the_local_copy_with_the_held_out_images_as_validation(t
     for image, label in zip(data.val_images, data.val_labels):
         name = next(n for n, b in tars["held_out"] if torch.equal(decoded(b), image))
         assert cdata.CLASSES[label] == name.split("/")[1]
-    manifest = json.loads((target / cdata.LOCAL_COPY_MANIFEST).read_text())
+    manifest = json.loads((target / datafiles.LOCAL_COPY_MANIFEST).read_text())
     assert (manifest["train"], manifest["test"]) == (30, 10)
     assert manifest["md5"]["test_batch"] == hashlib.md5((target / "test_batch").read_bytes()).hexdigest()
 
@@ -94,13 +95,13 @@ def test_torchvision_checks_the_manifest_md5s_and_a_damaged_batch_is_reported(ta
     from torchvision.datasets import CIFAR10
 
     root = tmp_path / "data"
-    target = cdata.build_local_copy(tars["source"], root, held_out_tar=tars["subset"])
+    target = datafiles.build_local_copy(tars["source"], root, held_out_tar=tars["subset"])
     with pytest.raises(RuntimeError):  # torchvision's own md5s are those of the official files
         CIFAR10(str(root), train=True, download=False)
-    reader = cdata._torchvision_cifar10(root)
+    reader = datafiles.torchvision_cifar10(root)
     assert issubclass(reader, CIFAR10) and len(reader(str(root), train=False)) == 10
     (target / "data_batch_3").write_bytes((target / "data_batch_3").read_bytes()[:-10])
-    (root / cdata.SHIPPED_SUBSET).write_bytes(tars["subset"].read_bytes())
+    (root / datafiles.SHIPPED_SUBSET).write_bytes(tars["subset"].read_bytes())
     data = cdata.load_cifar10(root, download=False)
     assert data.source.startswith("shipped subset")
     assert "incomplete or corrupted" in capsys.readouterr().out
@@ -108,16 +109,16 @@ def test_torchvision_checks_the_manifest_md5s_and_a_damaged_batch_is_reported(ta
 
 def test_same_files_whatever_the_tar_order(tars, tmp_path):
     shuffled = write_tar(tmp_path / "shuffled.tar.gz", tars["members"], shuffle_seed=1)
-    a = cdata.build_local_copy(tars["source"], tmp_path / "a", held_out_tar=tars["subset"])
-    b = cdata.build_local_copy(shuffled, tmp_path / "b", held_out_tar=tars["subset"])
-    md5 = lambda t: json.loads((t / cdata.LOCAL_COPY_MANIFEST).read_text())["md5"]  # noqa: E731
+    a = datafiles.build_local_copy(tars["source"], tmp_path / "a", held_out_tar=tars["subset"])
+    b = datafiles.build_local_copy(shuffled, tmp_path / "b", held_out_tar=tars["subset"])
+    md5 = lambda t: json.loads((t / datafiles.LOCAL_COPY_MANIFEST).read_text())["md5"]  # noqa: E731
     assert md5(a) == md5(b)
 
 
 def test_held_out_images_missing_from_the_source_are_refused(tars, tmp_path):
     other = write_tar(tmp_path / "other.tar.gz", [("val/cat/9999.jpg", jpeg(np.random.default_rng(7)))])
     with pytest.raises(ValueError, match=r"1 of the 1 held-out images .* are not in"):
-        cdata.build_local_copy(tars["source"], tmp_path / "data", held_out_tar=other)
+        datafiles.build_local_copy(tars["source"], tmp_path / "data", held_out_tar=other)
     assert not (tmp_path / "data").exists(), "checked before anything is written"
 
 
@@ -126,15 +127,15 @@ def test_an_existing_copy_is_never_replaced(tars, tmp_path):
     target.mkdir(parents=True)
     (target / "data_batch_1").write_bytes(b"torchvision's download")
     with pytest.raises(ValueError, match="exists already"):
-        cdata.build_local_copy(tars["source"], tmp_path / "data", held_out_tar=tars["subset"])
+        datafiles.build_local_copy(tars["source"], tmp_path / "data", held_out_tar=tars["subset"])
     assert (target / "data_batch_1").read_bytes() == b"torchvision's download"
 
 
 def test_built_from_the_shipped_subset_its_val_images_are_the_validation_split(tmp_path):
     """What ``.ci/gpu_course.sh --tiny`` does; on the GPU the source is the full training split as JPEG."""
-    shipped = cdata.DATA_DIR / cdata.SHIPPED_SUBSET
-    cdata.build_local_copy(shipped, tmp_path, held_out_tar=shipped)
+    shipped = datafiles.DATA_DIR / datafiles.SHIPPED_SUBSET
+    datafiles.build_local_copy(shipped, tmp_path, held_out_tar=shipped)
     data = cdata.load_cifar10(tmp_path, download=False, verbose=False)
-    subset = cdata.read_image_tar(shipped)
+    subset = datafiles.read_image_tar(shipped)
     assert image_set(data.val_images) == image_set(subset["val"][0])
     assert image_set(data.train_images) == image_set(subset["train"][0])

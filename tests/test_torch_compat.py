@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import data as cdata
 from course_utils import train
+from course_utils.machinery import datafiles, precision
 from course_utils.train import NonFiniteLossWatch
 
 PACKAGE = Path(train.__file__).resolve().parent
@@ -32,9 +32,9 @@ def test_bf16_detection_falls_back_when_torch_cpu_lacks_the_private_checks(monke
             monkeypatch.setattr(torch.cpu, name, lambda: True, raising=False)
         else:
             monkeypatch.delattr(torch.cpu, name, raising=False)
-    assert train.native_bf16(torch.device("cpu")) is bool(present)
+    assert precision.native_bf16(torch.device("cpu")) is bool(present)
     assert train.default_amp(torch.device("cpu"), 32) is bool(present)
-    assert train.native_bf16(torch.device("cuda")) is True  # decided without touching torch.cuda
+    assert precision.native_bf16(torch.device("cuda")) is True  # decided without touching torch.cuda
 
 
 def test_found_inf_skips_the_fused_adamw_step_on_this_torch():
@@ -64,7 +64,7 @@ def test_an_optimizer_without_a_fused_default_is_checked_on_the_host(monkeypatch
 
 
 def torch_load_calls():
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)
@@ -93,7 +93,7 @@ def test_torchvision_cifar10_has_what_the_local_copy_reader_replaces():
     assert [name for name, _ in CIFAR10.train_list] == [f"data_batch_{k}" for k in range(1, 6)]
     assert [name for name, _ in CIFAR10.test_list] == ["test_batch"]
     assert CIFAR10.meta["filename"] == "batches.meta" and CIFAR10.meta["key"] == "label_names"
-    assert cdata._torchvision_cifar10(Path("/nonexistent")) is CIFAR10  # no manifest: torchvision's own
+    assert datafiles.torchvision_cifar10(Path("/nonexistent")) is CIFAR10  # no manifest: torchvision's own
 
 
 def test_torchvision_weight_enums_and_file_names():

@@ -34,8 +34,9 @@ from _helpers import (
 from course_utils import train
 from course_utils.finetune import Schedule, Stage, make_optimizer, one_stage_schedule
 from course_utils.machinery import presets
+from course_utils.machinery.checkpoints import load_checkpoint
 from course_utils.models import resnet18_cbam
-from course_utils.train import COLUMNS, CheckpointError, History, TrainingDiverged, fit, load_checkpoint
+from course_utils.train import COLUMNS, CheckpointError, History, TrainingDiverged, fit
 
 TESTS = Path(__file__).resolve().parent
 TIMING = ("seconds", "images_per_s")
@@ -177,7 +178,7 @@ def test_history_lr_is_the_plan_for_every_epoch(reference):
     history, plans = reference["history"], reference["plans"]
     assert history["epoch"] == [1, 2, 3, 4]
     assert history["stage"] == [p.stage for p in plans]
-    assert [r for r in history["lr"]] == [p.lr for p in plans]  # exactly, frozen groups included (0.0)
+    assert list(history["lr"]) == [p.lr for p in plans]  # exactly, frozen groups included (0.0)
     for got, want in zip(history["lr"], EXPECTED_LR):
         assert got == pytest.approx(want, rel=1e-12, abs=0)
         assert all(got[g] == 0.0 for g, v in want.items() if v == 0)

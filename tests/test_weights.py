@@ -21,9 +21,10 @@ from torchvision import models as tvm
 from torchvision.datasets import CIFAR10
 
 from course_utils import data as cdata
-from course_utils import models as cm
+from course_utils.machinery import datafiles
 from course_utils.machinery.downloads import mirror_url, sha256_prefix_in_name
-from course_utils.models import WeightsError, resnet18_cbam, vgg16_cbam
+from course_utils.machinery.weights import WEIGHTS_MIRROR_ENV, WeightsError, weights_cache_path
+from course_utils.models import resnet18_cbam, vgg16_cbam
 
 REAL_FILE = "resnet18-f37072fd.pth"
 
@@ -74,11 +75,11 @@ def test_unknown_weights_say_what_is_accepted(weights):
 
 
 def test_weights_cache_path_is_torchvisions(torch_home):
-    assert cm.weights_cache_path("resnet18") == torch_home / "hub" / "checkpoints" / REAL_FILE
-    assert cm.weights_cache_path("vgg16").name == "vgg16-397923af.pth"
-    assert cm.weights_cache_path("resnet18", tvm.ResNet18_Weights.DEFAULT).name == REAL_FILE
+    assert weights_cache_path("resnet18") == torch_home / "hub" / "checkpoints" / REAL_FILE
+    assert weights_cache_path("vgg16").name == "vgg16-397923af.pth"
+    assert weights_cache_path("resnet18", tvm.ResNet18_Weights.DEFAULT).name == REAL_FILE
     with pytest.raises(ValueError, match="arch"):
-        cm.weights_cache_path("resnet50")
+        weights_cache_path("resnet50")
 
 
 # ------------------------------------------------------------------------------ partial files
@@ -153,7 +154,7 @@ def test_weights_come_from_the_mirror_offline(
     kind, torch_home, no_network, tmp_path, resnet18_state_file, monkeypatch, capsys
 ):
     mirror, name = self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch)
-    monkeypatch.setenv(cm.WEIGHTS_MIRROR_ENV, str(mirror) if kind == "folder" else mirror.as_uri())
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, str(mirror) if kind == "folder" else mirror.as_uri())
     model = resnet18_cbam(weights="imagenet", placement=None)
     assert loaded_from(model, resnet18_state_file)
     cached = torch_home / "hub" / "checkpoints" / name
@@ -167,7 +168,7 @@ def test_a_wrong_file_at_the_mirror_is_refused_and_not_kept(
     mirror, name = self_hashed_mirror(tmp_path, resnet18_state_file, monkeypatch)
     blob = (mirror / name).read_bytes()
     (mirror / name).write_bytes(blob[: len(blob) // 2])  # truncated at the mirror
-    monkeypatch.setenv(cm.WEIGHTS_MIRROR_ENV, str(mirror))
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, str(mirror))
     with pytest.raises(WeightsError) as info:
         resnet18_cbam(weights="imagenet")
     assert name in str(info.value) and "wrong or truncated" in str(info.value), str(info.value)
@@ -175,7 +176,7 @@ def test_a_wrong_file_at_the_mirror_is_refused_and_not_kept(
 
 
 def test_a_mirror_without_the_file_names_it(torch_home, no_network, tmp_path, monkeypatch):
-    monkeypatch.setenv(cm.WEIGHTS_MIRROR_ENV, str(tmp_path))
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, str(tmp_path))
     with pytest.raises(WeightsError, match=REAL_FILE):
         resnet18_cbam(weights="imagenet")
 
@@ -226,7 +227,7 @@ def test_cifar10_comes_from_the_mirror_offline(how, fake_cifar_archive, tmp_path
     root = tmp_path / "data"
     kwargs = {}
     if how == "environment":
-        monkeypatch.setenv(cdata.CIFAR10_MIRROR_ENV, str(folder))
+        monkeypatch.setenv(datafiles.CIFAR10_MIRROR_ENV, str(folder))
     else:
         kwargs["mirror"] = folder if how == "argument folder" else folder.as_uri()
     data = cdata.load_cifar10(root=root, download=False, verbose=False, **kwargs)
@@ -245,7 +246,7 @@ def test_a_wrong_cifar10_archive_at_the_mirror_is_refused_by_name(
     blob = archive.read_bytes()
     archive.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"x" * len(blob))
     root = tmp_path / "data"  # no shipped subset there: the error says everything that was tried
-    with pytest.raises(cdata.DataUnavailableError) as info:
+    with pytest.raises(datafiles.DataUnavailableError) as info:
         cdata.load_cifar10(root=root, mirror=folder, download=False, verbose=False)
     message = str(info.value)
     assert CIFAR10.filename in message and "md5" in message and "wrong or truncated" in message, message
@@ -258,7 +259,7 @@ def test_a_partial_cifar10_archive_in_the_data_folder_is_named(fake_cifar_archiv
     root.mkdir()
     blob = (folder / CIFAR10.filename).read_bytes()
     (root / CIFAR10.filename).write_bytes(blob[:100])
-    with pytest.raises(cdata.DataUnavailableError) as info:
+    with pytest.raises(datafiles.DataUnavailableError) as info:
         cdata.load_cifar10(root=root, verbose=False)
     assert str(root / CIFAR10.filename) in str(info.value) and "delete it" in str(info.value)
 

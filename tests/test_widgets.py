@@ -1,5 +1,5 @@
 """The schedule designer without a browser: the values → Schedule mapping, the panel's reactions to
-changes (preview, invalid choices, presets), the Train button's and the "find LR" buttons' callbacks on tiny loaders."""
+changes (preview, invalid choices, templates), the Train button's and the "find LR" buttons' callbacks on tiny loaders."""
 
 import pytest
 import torch
@@ -27,18 +27,18 @@ def test_differential_values_are_the_course_differential_schedule():
     )
 
 
-@pytest.mark.parametrize("name", list(widgets.PRESETS))
-def test_every_preset_round_trips(name):
-    schedule = widgets.PRESETS[name]((2, 3, 4))
+@pytest.mark.parametrize("name", list(widgets.TEMPLATES))
+def test_every_template_round_trips(name):
+    schedule = widgets.TEMPLATES[name]((2, 3, 4))
     v = values_from_schedule(schedule, GROUPS, NEW)
     assert schedule_from_values(v, GROUPS, NEW) == schedule
-    assert schedule.epochs == 9  # every preset keeps the same total, so runs compare fairly
+    assert schedule.epochs == 9  # every template keeps the same total, so runs compare fairly
 
 
 def test_boundaries_become_stage_lengths():
     schedule = schedule_from_values(values(end1=7, end2=12, total=40), GROUPS, NEW)
     assert [(first, last) for _, first, last in schedule.boundaries()] == [(1, 7), (8, 12), (13, 40)]
-    assert [row["epochs"] for row in widgets.preview_rows(schedule, GROUPS, NEW)] == ["1-7", "8-12", "13-40"]
+    assert [row["epochs"] for row in schedule.table(groups=GROUPS, new_groups=NEW, by_rate=True)] == ["1-7", "8-12", "13-40"]
 
 
 def test_fewer_stages_ignore_unused_boundaries():
@@ -83,7 +83,7 @@ def test_differential_rates_per_stage():
         (dict(end1=0), "stage 1 is empty"),
         (dict(trainable=(("new",), (), ("all",))), "stage 2 trains nothing"),
         (dict(trainable=(("new",), ("layer9",), ("all",))), "unknown layer group 'layer9'"),
-        (dict(lr=(1e-3, 0.0, 1e-5)), "learning rate of stage 2 must be a positive number"),
+        (dict(lr=(1e-3, 0.0, 1e-5)), "learning rate of stage 2 must be a positive \\(finite\\) number"),
         (dict(stages=4), "1, 2 or 3"),
     ],
 )
@@ -122,57 +122,57 @@ def tiny_loaders(n=32):
 def test_panel_starts_with_the_course_schedule(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
     assert panel.schedule == finetune.three_stage_schedule(epochs=(2, 3, 3))
-    assert panel.error == "" and panel.w_error.value == ""
-    assert "1-2" in panel.w_table.value and "3-5" in panel.w_table.value and "6-8" in panel.w_table.value
-    assert bytes(panel.w_plot.value).startswith(b"\x89PNG")
+    assert panel.error == "" and panel.preview.w_error.value == ""
+    assert "1-2" in panel.preview.w_table.value and "3-5" in panel.preview.w_table.value and "6-8" in panel.preview.w_table.value
+    assert bytes(panel.preview.w_plot.value).startswith(b"\x89PNG")
 
 
 def test_moving_a_slider_redraws_the_preview_in_place(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
-    children, plot, table = list(panel.children), panel.w_plot.value, panel.w_table.value
-    panel.w_end1.value = 3  # what the browser does: a trait change from the front end
+    children, plot, table = list(panel.children), panel.preview.w_plot.value, panel.preview.w_table.value
+    panel.controls.w_end1.value = 3  # what the browser does: a trait change from the front end
     assert panel.schedule.boundaries()[0] == ("1 head+cbam", 1, 3)
-    assert "1-3" in panel.w_table.value and "4-5" in panel.w_table.value and panel.w_table.value != table
+    assert "1-3" in panel.preview.w_table.value and "4-5" in panel.preview.w_table.value and panel.preview.w_table.value != table
     assert (
-        bytes(panel.w_plot.value) != bytes(plot) and list(panel.children) == children
+        bytes(panel.preview.w_plot.value) != bytes(plot) and list(panel.children) == children
     )  # one image, replaced, not stacked
-    assert panel.w_preset.value == widgets.CUSTOM
+    assert panel.controls.w_template.value == widgets.CUSTOM
 
 
 def test_invalid_move_shows_a_message_and_keeps_the_last_valid_schedule(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
-    panel.w_end1.value = 3
-    valid, table = panel.schedule, panel.w_table.value
-    panel.w_end1.value = 9  # past the end of stage 2: must not raise
+    panel.controls.w_end1.value = 3
+    valid, table = panel.schedule, panel.preview.w_table.value
+    panel.controls.w_end1.value = 9  # past the end of stage 2: must not raise
     assert "stage 2 would end before stage 1" in panel.error
     assert (
-        "invalid choice" in panel.w_error.value and "stage 2 would end before stage 1" in panel.w_error.value
+        "invalid choice" in panel.preview.w_error.value and "stage 2 would end before stage 1" in panel.preview.w_error.value
     )
-    assert panel.schedule is valid and panel.w_table.value == table
-    assert panel.w_button.disabled
+    assert panel.schedule is valid and panel.preview.w_table.value == table
+    assert panel.output.w_button.disabled
     with pytest.raises(ValueError, match="invalid"):
         panel.train()
-    panel.w_train[0]["cbam"].value = False
-    panel.w_train[0]["head"].value = False  # and nothing trainable in stage 1 on top
+    panel.controls.w_train[0]["cbam"].value = False
+    panel.controls.w_train[0]["head"].value = False  # and nothing trainable in stage 1 on top
     assert panel.schedule is valid
     panel.values = {"end1": 4, "trainable": (("head",), ("all",), ("all",))}
-    assert panel.error == "" and not panel.w_button.disabled
+    assert panel.error == "" and not panel.output.w_button.disabled
     assert panel.schedule.boundaries()[0] == ("1 head", 1, 4)
 
 
-def test_presets_set_the_controls(model):
+def test_templates_set_the_controls(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
-    names = list(widgets.PRESETS)
-    panel.w_preset.value = names[2]  # fastai-style
+    names = list(widgets.TEMPLATES)
+    panel.controls.w_template.value = names[2]  # fastai-style
     assert panel.values["stages"] == 2 and panel.values["differential"]
-    assert panel.schedule == widgets.fastai_schedule((2, 3, 3))
-    assert panel.w_end2.disabled and panel._columns[2].layout.display == "none"
-    assert panel.w_lr_new[1].layout.display is None
-    panel.w_preset.value = names[3]  # one stage
-    assert panel.schedule == finetune.one_stage_schedule(8, 1e-4) and panel.w_end1.disabled
-    panel.w_preset.value = names[0]
+    assert panel.schedule == finetune.fastai_schedule((2, 3, 3))
+    assert panel.controls.w_end2.disabled and panel.controls.columns[2].layout.display == "none"
+    assert panel.controls.w_lr_new[1].layout.display is None
+    panel.controls.w_template.value = names[3]  # one stage
+    assert panel.schedule == finetune.one_stage_schedule(8, 1e-4) and panel.controls.w_end1.disabled
+    panel.controls.w_template.value = names[0]
     assert panel.schedule == finetune.three_stage_schedule(epochs=(2, 3, 3))
-    assert panel.w_preset.value == names[0]
+    assert panel.controls.w_template.value == names[0]
 
 
 def test_train_button_runs_the_schedule_and_adds_rows(model):
@@ -181,26 +181,26 @@ def test_train_button_runs_the_schedule_and_adds_rows(model):
     panel = widgets.schedule_designer(
         model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"}
     )
-    panel._on_train_clicked(panel.w_button)
-    assert panel.w_status.value.startswith("完成"), panel.w_status.value
+    panel.output.w_button.click()
+    assert panel.output.w_status.value.startswith("完成"), panel.output.w_status.value
     assert len(panel.runs) == 1 and len(panel.runs[0]["history"]) == 3
-    assert bytes(panel.w_curves.value).startswith(b"\x89PNG") and panel.w_curves.layout.display is None
-    assert "schedule-runs" in panel.w_runs.value and "1-1 head+cbam" in panel.w_runs.value
-    panel.w_preset.value = list(widgets.PRESETS)[3]
-    panel._on_train_clicked(panel.w_button)
-    rows = panel.comparison()
+    assert bytes(panel.output.w_curves.value).startswith(b"\x89PNG") and panel.output.w_curves.layout.display is None
+    assert "schedule-runs" in panel.output.w_runs.value and "1-1 head+cbam" in panel.output.w_runs.value
+    panel.controls.w_template.value = list(widgets.TEMPLATES)[3]
+    panel.output.w_button.click()
+    rows = panel.output.comparison()
     assert [r["run"] for r in rows] == [1, 2] and rows[1]["schedule"].startswith("1-3 all")
     assert all(0 <= float(r["final val acc"]) <= 1 for r in rows)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # runs train copies
-    assert not panel.w_button.disabled
+    assert not panel.output.w_button.disabled
 
 
 def test_train_failure_is_shown_in_the_panel_not_raised(model):
     empty = []  # a loader that gives no batches (a TensorLoader with too few images is refused when made)
     panel = widgets.schedule_designer(model, empty, None, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"})
-    panel._on_train_clicked(panel.w_button)
-    assert "training failed" in panel.w_status.value and "no batches" in panel.w_status.value
-    assert panel.runs == [] and not panel.w_button.disabled
+    panel.output.w_button.click()
+    assert "training failed" in panel.output.w_status.value and "no batches" in panel.output.w_status.value
+    assert panel.runs == [] and not panel.output.w_button.disabled
 
 
 def test_train_from_a_cell_uses_model_fn(model):
@@ -227,11 +227,11 @@ def test_train_from_a_cell_uses_model_fn(model):
 
 def test_ticking_differential_gives_the_course_differential_schedule(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
-    panel.w_differential.value = True
+    panel.controls.w_differential.value = True
     assert panel.schedule == finetune.three_stage_schedule(differential=True, epochs=(2, 3, 3))
-    assert panel.w_lr[0].disabled and not panel.w_lr_new[0].disabled  # stage 1 trains new modules only
-    assert "1.0e-04 (pretrained) · 1.0e-03 (new)" in panel.w_table.value  # stage 2: two rates
-    panel.w_differential.value = False
+    assert panel.controls.w_lr[0].disabled and not panel.controls.w_lr_new[0].disabled  # stage 1 trains new modules only
+    assert "1.0e-04 (pretrained) · 1.0e-03 (new)" in panel.preview.w_table.value  # stage 2: two rates
+    panel.controls.w_differential.value = False
     assert panel.schedule == finetune.three_stage_schedule(epochs=(2, 3, 3))
 
 
@@ -253,47 +253,47 @@ def panel_for(model, loader=None):
 def test_find_lr_in_differential_mode_sets_both_sliders_with_the_ratio_kept(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     panel = panel_for(model)
-    panel.w_differential.value = True
-    others = [(panel.w_lr[i].value, panel.w_lr_new[i].value) for i in (0, 2)]
-    assert panel.w_lr_curve.layout.display == "none"
-    panel._on_find_lr_clicked(2)  # what the stage-2 button's click does
+    panel.controls.w_differential.value = True
+    others = [(panel.controls.w_lr[i].value, panel.controls.w_lr_new[i].value) for i in (0, 2)]
+    assert panel.output.w_lr_curve.layout.display == "none"
+    panel.controls.w_find_lr[1].click()  # the stage-2 button
     result = panel.finder_results[2]
-    assert "suggestion" in panel.w_lr_status.value, panel.w_lr_status.value
-    assert bytes(panel.w_lr_curve.value).startswith(b"\x89PNG") and panel.w_lr_curve.layout.display is None
+    assert "suggestion" in panel.output.w_lr_status.value, panel.output.w_lr_status.value
+    assert bytes(panel.output.w_lr_curve.value).startswith(b"\x89PNG") and panel.output.w_lr_curve.layout.display is None
     top = result.suggestion()
-    assert panel.w_lr_new[1].value == pytest.approx(top) and panel.w_lr[1].value == pytest.approx(top / 10)
+    assert panel.controls.w_lr_new[1].value == pytest.approx(top) and panel.controls.w_lr[1].value == pytest.approx(top / 10)
     stage = panel.schedule.stages[1]
     assert stage.lr == {
         "new": pytest.approx(top),
         "pretrained": pytest.approx(top / 10),
     }  # the schedule follows
     assert [
-        (panel.w_lr[i].value, panel.w_lr_new[i].value) for i in (0, 2)
+        (panel.controls.w_lr[i].value, panel.controls.w_lr_new[i].value) for i in (0, 2)
     ] == others  # other stages untouched
     assert all(
         torch.equal(before[k], v) for k, v in model.state_dict().items()
     )  # the panel's model: never trained
-    assert all(torch.equal(before[k], v) for k, v in panel._template.state_dict().items())
-    assert not panel.w_button.disabled
+    assert all(torch.equal(before[k], v) for k, v in panel.base_model.state_dict().items())
+    assert not panel.output.w_button.disabled
 
 
 def test_find_lr_for_stage_1_sets_its_slider(model):
     panel = panel_for(model)
     result = panel.find_lr(1)
     assert result.shares == {"cbam": 1.0, "head": 1.0}
-    assert panel.w_lr[0].value == pytest.approx(result.suggestion())
+    assert panel.controls.w_lr[0].value == pytest.approx(result.suggestion())
     assert panel.schedule.stages[0].lr == pytest.approx(result.suggestion())
     assert panel.schedule.stages[1:] == finetune.three_stage_schedule(epochs=(2, 3, 3)).stages[1:]
 
 
 def test_find_lr_uses_the_buttons_css_classes(model):
     panel = panel_for(model)
-    assert [b._dom_classes for b in panel.w_find_lr] == [
+    assert [b._dom_classes for b in panel.controls.w_find_lr] == [
         ("schedule-find-lr-1",),
         ("schedule-find-lr-2",),
         ("schedule-find-lr-3",),
     ]
-    assert "schedule-lr-curve" in panel.w_lr_curve._dom_classes
+    assert "schedule-lr-curve" in panel.output.w_lr_curve._dom_classes
 
 
 def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
@@ -303,12 +303,12 @@ def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
     )  # no full batch
     panel = panel_for(model, empty)
     values = panel.values
-    panel._on_find_lr_clicked(1)
-    assert "LR finder failed" in panel.w_lr_status.value and "no batches" in panel.w_lr_status.value
-    assert panel.values == values and not panel.w_button.disabled
-    panel.w_end1.value = 9  # an invalid choice: the finder refuses it, in the panel too
-    panel._on_find_lr_clicked(1)
-    assert "invalid" in panel.w_lr_status.value
+    panel.controls.w_find_lr[0].click()
+    assert "LR finder failed" in panel.output.w_lr_status.value and "no batches" in panel.output.w_lr_status.value
+    assert panel.values == values and not panel.output.w_button.disabled
+    panel.controls.w_end1.value = 9  # an invalid choice: the finder refuses it, in the panel too
+    panel.controls.w_find_lr[0].click()
+    assert "invalid" in panel.output.w_lr_status.value
 
 
 def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
@@ -316,15 +316,15 @@ def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
     panel = widgets.schedule_designer(
         model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"}
     )
-    assert panel.w_bn.value == "train" and "schedule-bn-policy" in panel.w_bn._dom_classes
-    assert list(panel.w_bn.options) == ["train", "frozen", "recalibrate"] and panel.w_bn in panel.children
+    assert panel.controls.w_bn.value == "train" and "schedule-bn-policy" in panel.controls.w_bn._dom_classes
+    assert list(panel.controls.w_bn.options) == ["train", "frozen", "recalibrate"] and panel.controls.w_bn in panel.children
     assert panel.values["bn_policy"] == "train"
-    panel.w_bn.value = "frozen"
+    panel.controls.w_bn.value = "frozen"
     assert panel.values["bn_policy"] == "frozen"
-    panel.w_preset.value = list(widgets.PRESETS)[3]  # a preset sets the schedule, not the policy
+    panel.controls.w_template.value = list(widgets.TEMPLATES)[3]  # a template sets the schedule, not the policy
     assert panel.values["bn_policy"] == "frozen"
     panel.values = {"bn_policy": "recalibrate"}
-    assert panel.w_bn.value == "recalibrate"
+    assert panel.controls.w_bn.value == "recalibrate"
     with pytest.raises(ValueError, match="bn_policy must be one of"):
         panel.values = {"bn_policy": "eval"}
     seen = []
@@ -337,13 +337,13 @@ def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
 
     original_fit = ctrain.fit
     monkeypatch.setattr(ctrain, "fit", recording_fit)
-    panel.w_bn.value = "recalibrate"
-    panel.w_preset.value = list(widgets.PRESETS)[0]
-    panel._on_train_clicked(panel.w_button)
-    assert panel.w_status.value.startswith("完成"), panel.w_status.value
+    panel.controls.w_bn.value = "recalibrate"
+    panel.controls.w_template.value = list(widgets.TEMPLATES)[0]
+    panel.output.w_button.click()
+    assert panel.output.w_status.value.startswith("完成"), panel.output.w_status.value
     assert seen == ["recalibrate"]
     history = panel.runs[-1]["history"]
     assert history.meta["bn_policy"] == "recalibrate" and [
         r["epoch"] for r in history.meta["bn_recalibrations"]
     ] == [1, 2, 3]
-    assert panel.comparison()[-1]["BN"] == "recalibrate" and "recalibrate" in panel.w_runs.value
+    assert panel.output.comparison()[-1]["BN"] == "recalibrate" and "recalibrate" in panel.output.w_runs.value

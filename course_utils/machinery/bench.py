@@ -44,6 +44,9 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,7 +56,8 @@ from .. import data as cdata
 from ..finetune import Schedule, Stage
 from ..models import resnet18_cbam, vgg16_cbam
 from ..train import default_device, evaluate, fit
-from . import devices, precision
+from . import checks, devices, precision
+from .datafiles import DataUnavailableError
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}
@@ -69,7 +73,7 @@ def bench_images(n: int, synthetic: bool = False, seed: int = 0) -> tuple[torch.
     if not synthetic:
         try:
             data = cdata.load_cifar10(download=False, verbose=False, seed=seed)
-        except cdata.DataUnavailableError as err:
+        except DataUnavailableError as err:
             print(f"bench: no CIFAR-10 at hand ({err}); using synthetic images", file=sys.stderr)
         else:
             idx = torch.arange(n) % len(data.train_labels)
@@ -180,48 +184,61 @@ def _plain_process(conn, spec: dict) -> None:
     try:
         torch.set_num_threads(spec["threads"])
         device = torch.device(spec["device"])
-        x, y = torch.from_numpy(spec["images"]), torch.from_numpy(spec["labels"])
-        rows = {}
-        for name, lesson in spec["rows"].items():
-            torch.manual_seed(spec["seed"])
-            model = MODELS[spec["model"]](num_classes=10, weights=None).to(device)
-            rows[name] = (
-                model,
-                torch.optim.AdamW(model.parameters(), lr=LR),
-                cdata.plain_loader(
-                    x,
-                    y,
-                    spec["batch_size"],
-                    train=True,
-                    image_size=spec["size"],
-                    lesson=lesson,
-                    num_workers=spec["workers"],
-                    seed=spec["seed"],
-                ),
-            )
-        eval_loader = cdata.plain_loader(
-            x, y, spec["batch_size"], train=False, image_size=spec["size"], num_workers=spec["workers"]
-        )
+        rows, eval_loader = _plain_rows(spec, device)
         memory = PeakMemory(device)
         conn.send(("ready", None))
         while (command := conn.recv()) != "stop":
-            if command == "train":
-                out = {}
-                for name, (model, opt, loader) in rows.items():
-                    memory.reset()
-                    start = time.perf_counter()
-                    seen = plain_train_epoch(model, loader, opt, device)
-                    _sync(device)
-                    out[name] = (seen, time.perf_counter() - start, memory.peak())
-                conn.send(("train", out))
-            elif command == "eval":
-                memory.reset()
-                start = time.perf_counter()
-                seen, _ = plain_evaluate(rows["plain"][0], eval_loader, device)
-                _sync(device)
-                conn.send(("eval", (seen, time.perf_counter() - start, memory.peak())))
+            if command in ("train", "eval"):
+                conn.send((command, _plain_pass(command, rows, eval_loader, memory, device)))
     except BaseException:  # the parent raises it with this traceback
         conn.send(("error", traceback.format_exc()))
+
+
+def _plain_rows(spec: dict, device: torch.device) -> tuple[dict, object]:
+    """``({row: (model, AdamW, training DataLoader)}, evaluation DataLoader)`` of the plain path: a fresh model
+    from the same seed per row, each row's DataLoader with its augmentation (``lesson``: the full one)."""
+    x, y = torch.from_numpy(spec["images"]), torch.from_numpy(spec["labels"])
+    rows = {}
+    for name, lesson in spec["rows"].items():
+        torch.manual_seed(spec["seed"])
+        model = MODELS[spec["model"]](num_classes=10, weights=None).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        loader = cdata.plain_loader(
+            x,
+            y,
+            spec["batch_size"],
+            train=True,
+            image_size=spec["size"],
+            lesson=lesson,
+            num_workers=spec["workers"],
+            seed=spec["seed"],
+        )
+        rows[name] = (model, opt, loader)
+    eval_loader = cdata.plain_loader(
+        x, y, spec["batch_size"], train=False, image_size=spec["size"], num_workers=spec["workers"]
+    )
+    return rows, eval_loader
+
+
+def _plain_pass(command: str, rows: dict, eval_loader, memory: PeakMemory, device: torch.device):
+    """``"train"``: ``{row: figures}`` of one training pass of every plain row; ``"eval"``: the figures of
+    one evaluation pass of the plain model (figures: see :func:`_timed_pass`)."""
+    if command == "train":
+        return {
+            name: _timed_pass(memory, device, partial(plain_train_epoch, model, loader, opt, device))
+            for name, (model, opt, loader) in rows.items()
+        }
+    model = rows["plain"][0]
+    return _timed_pass(memory, device, lambda: plain_evaluate(model, eval_loader, device)[0])
+
+
+def _timed_pass(memory: PeakMemory, device: torch.device, run) -> tuple[int, float, tuple[float, float]]:
+    """``(images, seconds, (peak MB, step MB))`` of one pass: ``run()`` returns the images it saw."""
+    memory.reset()
+    start = time.perf_counter()
+    seen = run()
+    _sync(device)
+    return seen, time.perf_counter() - start, memory.peak()
 
 
 class PlainProcess:
@@ -269,10 +286,8 @@ class PlainProcess:
 
     def close(self) -> None:
         if self.process.is_alive():
-            try:
+            with suppress(OSError):
                 self.conn.send("stop")
-            except OSError:
-                pass
             self.process.join(30)
         if self.process.is_alive():
             self.process.terminate()
@@ -320,159 +335,249 @@ def run_bench(
 
     ``amp``/``channels_last``: ``None`` = :func:`~course_utils.train.fit`'s defaults for the course path.
     """
-    from tqdm.auto import tqdm
-
-    workers = (
-        cdata.default_num_workers() if workers is None else workers
-    )  # none from a notebook on Windows/macOS
-
-    device = torch.device(device) if device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch sees no CUDA device")
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    if repeats < 1:
-        raise ValueError("repeats must be at least 1")
-    if threads:
-        torch.set_num_threads(threads)
-    n = images or DEFAULT_IMAGES.get(device.type, 2048)
-    if n < batch_size:
-        raise ValueError(f"--images {n} is less than one batch of {batch_size}")
-    size = None if image_size == 32 else image_size
-    x, y, source = bench_images(n, synthetic, seed)
+    setup = _BenchSetup.checked(
+        device, model, image_size, images, repeats, batch_size, workers, threads, synthetic, seed, progress
+    )
     load_start = os.getloadavg()
-
-    def build():
-        torch.manual_seed(seed)
-        return MODELS[model](num_classes=10, weights=None).to(device)
-
     # plain: a fresh model and optimizer per augmentation, DataLoader with worker processes, in its own process
     rows = {"plain": False, **({"lesson": True} if lesson else {})}
-    plain = {name: {"samples": [], "mem": []} for name in rows}
-    spec = {
-        "device": str(device),
-        "model": model,
-        "seed": seed,
-        "size": size,
-        "batch_size": batch_size,
-        "workers": workers,
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-        "images": x.numpy(),
-        "labels": y.numpy(),
-    }
+    spec = setup.plain_spec(rows)
     # course: fit over a TensorLoader; one fit epoch per repeat (+1 warm-up)
-    course_model = build()
+    torch.manual_seed(seed)
+    course_model = MODELS[model](num_classes=10, weights=None).to(setup.device)
     # fit's defaults, resolved once here (measured on a native-bf16 CPU, or cached) so that the loader
     # hands over batches already in that layout and the table can say what was chosen and why
     choice = precision.choose(
-        device, course_model, image_size, batch_size, amp=amp, channels_last=channels_last
+        setup.device, course_model, image_size, batch_size, amp=amp, channels_last=channels_last
     )
-    cl, course_amp = choice.channels_last, choice.amp
-    course_loader = cdata.TensorLoader(
-        x, y, batch_size, train=True, image_size=size, device=device, seed=seed, channels_last=cl
-    )
-    course = {"samples": [], "mem": [], "warmup_s": None}
-    memory = PeakMemory(device)
-    ev = {"plain": {"samples": [], "mem": []}, "course": {"samples": [], "mem": []}}
+    course_loader = setup.course_loader(train=True, channels_last=choice.channels_last)
+    memory = PeakMemory(setup.device)
     with PlainProcess(spec) as plain_process:
-        bar = tqdm(total=(1 + repeats) * (len(plain) + 1), desc="bench train", disable=not progress)
-
-        def plain_pass(epoch: int) -> None:
-            for name, (seen, seconds, mem) in plain_process.train_pass().items():
-                if epoch > 0:
-                    plain[name]["samples"].append((seen, seconds))
-                    plain[name]["mem"].append(mem)
-                bar.update(1)
-
-        def after_course_epoch(history) -> None:
-            seen = len(course_loader) * batch_size  # drop_last: every batch is full
-            train_seconds = seen / history.rows[-1]["images_per_s"]  # fit's own timing of its training loop
-            if len(history) == 1:
-                course["warmup_s"] = train_seconds
-            else:
-                course["samples"].append((seen, train_seconds))
-                course["mem"].append(memory.peak())
-            bar.update(1)
-            # the memory fit keeps between its steps goes back to the kernel while the other process trains,
-            # as it would be without the course's setting (on a VM, pages another process holds must be
-            # faulted in from the host: slower)
-            devices.release_freed_memory()
-            plain_pass(len(history) - 1)
-            memory.reset()  # for fit's next epoch
-
-        memory.reset()
-        fit(
-            course_model,
-            Schedule([Stage("bench", 1 + repeats, "all", LR)]),
-            course_loader,
-            None,
-            device=device,
-            progress=False,
-            amp=course_amp,
-            channels_last=cl,
-            compile=compile,
-            on_epoch_end=after_course_epoch,
-        )
-        bar.close()
-
-        # evaluation: plain DataLoader without augmentation + no_grad (the plain model, in its process),
-        # vs fit's evaluate on an eval TensorLoader
-        course_eval_loader = cdata.TensorLoader(
-            x, y, batch_size, train=False, image_size=size, device=device, channels_last=cl
-        )
-        devices.keep_freed_memory(device)  # as inside fit, which evaluates between its epochs
-        for r in tqdm(range(1 + repeats), desc="bench eval", disable=not progress):
-            devices.release_freed_memory()
-            seen, seconds, mem = plain_process.eval_pass()
-            if r:
-                ev["plain"]["samples"].append((seen, seconds))
-                ev["plain"]["mem"].append(mem)
-            memory.reset()
-            start = time.perf_counter()
-            evaluate(course_model, course_eval_loader, device, course_amp)
-            _sync(device)
-            if r:
-                ev["course"]["samples"].append((n, time.perf_counter() - start))
-                ev["course"]["mem"].append(memory.peak())
-        devices.release_freed_memory()
-
+        course_run = _CourseRun(course_model, choice, memory, setup)
+        plain, course = _time_training(plain_process, course_run, course_loader, rows, compile)
+        evaluation = _time_evaluation(plain_process, course_run)
     train = {name: _summary(p["samples"], p["mem"]) for name, p in plain.items()}
     train["course"] = _summary(course["samples"], course["mem"])
-    evaluation = {name: _summary(e["samples"], e["mem"]) for name, e in ev.items()}
+    evaluation = {name: _summary(e["samples"], e["mem"]) for name, e in evaluation.items()}
     timed_epoch = statistics.median(s for _, s in course["samples"])
-    ratio = {
-        "train": train["course"]["images_per_s"] / train["plain"]["images_per_s"],
-        "eval": evaluation["course"]["images_per_s"] / evaluation["plain"]["images_per_s"],
-    }
-    if lesson:
-        ratio["train_vs_lesson"] = train["course"]["images_per_s"] / train["lesson"]["images_per_s"]
     return {
-        "config": {
-            "device": str(device),
-            "model": model,
-            "image_size": image_size,
-            "images": n,
-            "repeats": repeats,
-            "batch_size": batch_size,
-            "workers": workers,
+        "config": setup.config(compile, choice),
+        "machine": machine_info(setup.device, load_start),
+        "train": train,
+        "eval": evaluation,
+        "ratio": _ratios(train, evaluation),
+        "course_first_epoch_overhead_s": max(course["warmup_s"] - timed_epoch, 0.0),
+        "memory_method": memory.method,
+    }
+
+
+@dataclass
+class _BenchSetup:
+    """What :func:`run_bench` times, checked: the device, the model's name, the images, the sizes."""
+
+    device: torch.device
+    model: str
+    image_size: int
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str  # what the images are, in words
+    repeats: int
+    batch_size: int
+    workers: int
+    seed: int
+    progress: bool
+
+    @classmethod
+    def checked(
+        cls,
+        device,
+        model,
+        image_size,
+        images,
+        repeats,
+        batch_size,
+        workers,
+        threads,
+        synthetic,
+        seed,
+        progress,
+    ) -> _BenchSetup:
+        """Refuse what cannot be timed (before anything is built); set the thread count; get the images."""
+        # no DataLoader workers from a notebook on Windows/macOS
+        workers = cdata.default_num_workers() if workers is None else workers
+        device = torch.device(device) if device else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+        repeats = checks.whole_number(repeats, "repeats", example="3")
+        if threads:
+            torch.set_num_threads(threads)
+        n = images or DEFAULT_IMAGES.get(device.type, 2048)
+        if n < batch_size:
+            raise ValueError(f"--images {n} is less than one batch of {batch_size}")
+        x, y, source = bench_images(n, synthetic, seed)
+        return cls(device, model, image_size, x, y, source, repeats, batch_size, workers, seed, progress)
+
+    @property
+    def n(self) -> int:
+        """Images per pass."""
+        return len(self.labels)
+
+    @property
+    def size(self) -> int | None:
+        """The loaders' ``image_size``: ``None`` for CIFAR's own 32 pixels (no resizing)."""
+        return None if self.image_size == 32 else self.image_size
+
+    def plain_spec(self, rows: dict) -> dict:
+        """What the plain path's process needs to build its rows (:func:`_plain_process`)."""
+        return {
+            "device": str(self.device),
+            "model": self.model,
+            "seed": self.seed,
+            "size": self.size,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "threads": torch.get_num_threads(),
+            "rows": rows,
+            "images": self.images.numpy(),
+            "labels": self.labels.numpy(),
+        }
+
+    def course_loader(self, train: bool, channels_last: bool) -> cdata.TensorLoader:
+        """The course path's loader: the images on the device, batches in the layout fit computes in."""
+        extra = {"seed": self.seed} if train else {}
+        return cdata.TensorLoader(
+            self.images,
+            self.labels,
+            self.batch_size,
+            train=train,
+            image_size=self.size,
+            device=self.device,
+            channels_last=channels_last,
+            **extra,
+        )
+
+    def config(self, compile: bool, choice: precision.Choice) -> dict:
+        return {
+            "device": str(self.device),
+            "model": self.model,
+            "image_size": self.image_size,
+            "images": self.n,
+            "repeats": self.repeats,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
             "compile": compile,
-            "course_amp": course_amp,
-            "course_channels_last": cl,
+            "course_amp": choice.amp,
+            "course_channels_last": choice.channels_last,
             "precision": choice.as_dict(),
             "course_malloc": devices.malloc_state(),
             "optimizer": "AdamW",
             "threads": torch.get_num_threads(),
-            "data": source,
-            "seed": seed,
-        },
-        "machine": machine_info(device, load_start),
-        "train": train,
-        "eval": evaluation,
-        "ratio": ratio,
-        "course_first_epoch_overhead_s": max(course["warmup_s"] - timed_epoch, 0.0),
-        "memory_method": memory.method,
+            "data": self.source,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class _CourseRun:
+    """The course path's model, its precision choice and the memory meter, with the setup they run under."""
+
+    model: torch.nn.Module
+    choice: precision.Choice
+    memory: PeakMemory
+    setup: _BenchSetup
+
+
+def _samples() -> dict:
+    return {"samples": [], "mem": []}
+
+
+def _keep(row: dict, seen: int, seconds: float, mem: tuple[float, float]) -> None:
+    row["samples"].append((seen, seconds))
+    row["mem"].append(mem)
+
+
+def _time_training(plain_process: PlainProcess, run: _CourseRun, course_loader, rows: dict, compile: bool):
+    """One fit epoch per repeat (+1 warm-up) on the course path and, after each, one pass of every plain row
+    in its process (the paths take turns). Returns ``(plain, course)``: each row's samples and peaks."""
+    from tqdm.auto import tqdm
+
+    setup, memory = run.setup, run.memory
+    plain = {name: _samples() for name in rows}
+    course = {**_samples(), "warmup_s": None}
+    bar = tqdm(total=(1 + setup.repeats) * (len(plain) + 1), desc="bench train", disable=not setup.progress)
+
+    def after_course_epoch(history) -> None:
+        seen = len(course_loader) * setup.batch_size  # drop_last: every batch is full
+        train_seconds = seen / history.rows[-1]["images_per_s"]  # fit's own timing of its training loop
+        if len(history) == 1:
+            course["warmup_s"] = train_seconds
+        else:
+            _keep(course, seen, train_seconds, memory.peak())
+        bar.update(1)
+        # the memory fit keeps between its steps goes back to the kernel while the other process trains,
+        # as it would be without the course's setting (on a VM, pages another process holds must be
+        # faulted in from the host: slower)
+        devices.release_freed_memory()
+        for name, figures in plain_process.train_pass().items():
+            if len(history) > 1:  # the first pass is a warm-up
+                _keep(plain[name], *figures)
+            bar.update(1)
+        memory.reset()  # for fit's next epoch
+
+    memory.reset()
+    fit(
+        run.model,
+        Schedule([Stage("bench", 1 + setup.repeats, "all", LR)]),
+        course_loader,
+        None,
+        device=setup.device,
+        progress=False,
+        amp=run.choice.amp,
+        channels_last=run.choice.channels_last,
+        compile=compile,
+        on_epoch_end=after_course_epoch,
+    )
+    bar.close()
+    return plain, course
+
+
+def _time_evaluation(plain_process: PlainProcess, run: _CourseRun) -> dict:
+    """Evaluation: the plain DataLoader without augmentation + no_grad (the plain model, in its process) vs
+    fit's evaluate on an eval TensorLoader, taking turns; ``{path: samples and peaks}``."""
+    from tqdm.auto import tqdm
+
+    setup = run.setup
+    loader = setup.course_loader(train=False, channels_last=run.choice.channels_last)
+    ev = {"plain": _samples(), "course": _samples()}
+
+    def course_pass() -> int:
+        evaluate(run.model, loader, setup.device, run.choice.amp)
+        return setup.n
+
+    devices.keep_freed_memory(setup.device)  # as inside fit, which evaluates between its epochs
+    for r in tqdm(range(1 + setup.repeats), desc="bench eval", disable=not setup.progress):
+        devices.release_freed_memory()
+        plain_figures = plain_process.eval_pass()
+        course_figures = _timed_pass(run.memory, setup.device, course_pass)
+        if r:  # the first pass is a warm-up
+            _keep(ev["plain"], *plain_figures)
+            _keep(ev["course"], *course_figures)
+    devices.release_freed_memory()
+    return ev
+
+
+def _ratios(train: dict, evaluation: dict) -> dict:
+    """Course / plain images per second: training, evaluation, and training against the lesson's row."""
+    speed = {name: row["images_per_s"] for name, row in train.items()}
+    ratio = {
+        "train": speed["course"] / speed["plain"],
+        "eval": evaluation["course"]["images_per_s"] / evaluation["plain"]["images_per_s"],
     }
+    if "lesson" in speed:
+        ratio["train_vs_lesson"] = speed["course"] / speed["lesson"]
+    return ratio
 
 
 def run_accuracy(
@@ -495,10 +600,8 @@ def run_accuracy(
     path's (``None``: fit's defaults, see :mod:`course_utils.machinery.precision`)."""
     from tqdm.auto import tqdm
 
-    workers = (
-        cdata.default_num_workers() if workers is None else workers
-    )  # none from a notebook on Windows/macOS
-
+    # no DataLoader workers from a notebook on Windows/macOS
+    workers = cdata.default_num_workers() if workers is None else workers
     device = torch.device(device) if device else default_device()
     data = cdata.load_cifar10(train_size=train_size, val_size=val_size, download=False, verbose=False)
     results = {"plain": [], "course": []}
@@ -516,60 +619,77 @@ def run_accuracy(
         plain_model = MODELS[model](num_classes=10, weights=None).to(device)
         course_model = MODELS[model](num_classes=10, weights=None).to(device)
         course_model.load_state_dict(plain_model.state_dict())
-        # plain: PIL transforms in a DataLoader, fp32, AdamW, the textbook loop
-        opt = torch.optim.AdamW(plain_model.parameters(), lr=LR)
-        train_loader = cdata.plain_loader(
-            data.train_images, data.train_labels, batch_size, train=True, num_workers=workers, seed=seed
+        results["plain"].append(
+            _plain_accuracy(plain_model, data, epochs, batch_size, workers, seed, device, bar)
         )
-        val_loader = cdata.plain_loader(data.val_images, data.val_labels, 256, num_workers=workers)
-        for _ in range(epochs):
-            plain_train_epoch(plain_model, train_loader, opt, device)
-            bar.update(1)
-        results["plain"].append(plain_evaluate(plain_model, val_loader, device)[1])
-        del train_loader, val_loader
-        # course: fit on TensorLoaders with its defaults
-        train_fast, val_fast = cdata.make_loaders(
-            data, batch_size, device=device, seed=seed, channels_last=choice.channels_last
+        results["course"].append(
+            _course_accuracy(course_model, data, epochs, batch_size, seed, device, choice, bar)
         )
-        history = fit(
-            course_model,
-            Schedule([Stage("all", epochs, "all", LR)]),
-            train_fast,
-            val_fast,
-            device=device,
-            progress=False,
-            amp=choice.amp,
-            channels_last=choice.channels_last,
-            on_epoch_end=lambda h: bar.update(1),
-        )
-        results["course"].append(history.rows[-1]["val_acc"])
     bar.close()
-    summary = {
-        name: {
-            "val_acc": accs,
-            "mean": statistics.mean(accs),
-            "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        }
-        for name, accs in results.items()
-    }
+    summary = {name: _accuracy_summary(accs) for name, accs in results.items()}
     return {
-        "config": {
-            "device": str(device),
-            "model": model,
-            "epochs": epochs,
-            "seeds": seeds,
-            "lr": LR,
-            "train": len(data.train_labels),
-            "val": len(data.val_labels),
-            "data": data.source,
-            "course_amp": choice.amp,
-            "course_channels_last": choice.channels_last,
-            "precision": choice.as_dict(),
-            "batch_size": batch_size,
-        },
+        "config": _accuracy_config(device, model, epochs, seeds, batch_size, data, choice),
         "machine": machine_info(device),
         "accuracy": summary,
         "difference": summary["course"]["mean"] - summary["plain"]["mean"],
+    }
+
+
+def _plain_accuracy(model, data, epochs: int, batch_size: int, workers: int, seed: int, device, bar) -> float:
+    """The plain path's validation accuracy after ``epochs``: PIL transforms in a DataLoader, fp32, AdamW,
+    the textbook loop."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    train_loader = cdata.plain_loader(
+        data.train_images, data.train_labels, batch_size, train=True, num_workers=workers, seed=seed
+    )
+    val_loader = cdata.plain_loader(data.val_images, data.val_labels, 256, num_workers=workers)
+    for _ in range(epochs):
+        plain_train_epoch(model, train_loader, opt, device)
+        bar.update(1)
+    return plain_evaluate(model, val_loader, device)[1]
+
+
+def _course_accuracy(model, data, epochs: int, batch_size: int, seed: int, device, choice, bar) -> float:
+    """The course path's validation accuracy after ``epochs``: fit on TensorLoaders with its defaults."""
+    train_fast, val_fast = cdata.make_loaders(
+        data, batch_size, device=device, seed=seed, channels_last=choice.channels_last
+    )
+    history = fit(
+        model,
+        Schedule([Stage("all", epochs, "all", LR)]),
+        train_fast,
+        val_fast,
+        device=device,
+        progress=False,
+        amp=choice.amp,
+        channels_last=choice.channels_last,
+        on_epoch_end=lambda h: bar.update(1),
+    )
+    return history.rows[-1]["val_acc"]
+
+
+def _accuracy_summary(accs: list[float]) -> dict:
+    return {
+        "val_acc": accs,
+        "mean": statistics.mean(accs),
+        "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+    }
+
+
+def _accuracy_config(device, model: str, epochs: int, seeds: int, batch_size: int, data, choice) -> dict:
+    return {
+        "device": str(device),
+        "model": model,
+        "epochs": epochs,
+        "seeds": seeds,
+        "lr": LR,
+        "train": len(data.train_labels),
+        "val": len(data.val_labels),
+        "data": data.source,
+        "course_amp": choice.amp,
+        "course_channels_last": choice.channels_last,
+        "precision": choice.as_dict(),
+        "batch_size": batch_size,
     }
 
 
@@ -630,20 +750,10 @@ def format_table(result: dict) -> str:
         "lesson": "plain: lesson (+jitter+rotation)",
         "course": "course: TensorLoader + fit",
     }
-    base = result["train"]["plain"]["images_per_s"]
-    for key, row in result["train"].items():
-        lines.append(
-            f"{names[key]:32s} {row['images_per_s']:12.0f} {row['images_per_s'] / base:6.2f}x "
-            f"{row['peak_mb']:9.0f} {row['step_mb']:8.0f}"
-        )
+    lines += _speed_rows(result["train"], names)
     lines += ["", f"{'':32s} {'eval img/s':>12s}"]
-    base = result["eval"]["plain"]["images_per_s"]
     enames = {"plain": "plain: DataLoader, no_grad", "course": "course: evaluate (inference_mode)"}
-    for key, row in result["eval"].items():
-        lines.append(
-            f"{enames[key]:32s} {row['images_per_s']:12.0f} {row['images_per_s'] / base:6.2f}x "
-            f"{row['peak_mb']:9.0f} {row['step_mb']:8.0f}"
-        )
+    lines += _speed_rows(result["eval"], enames)
     r = result["ratio"]
     lines += [
         "",
@@ -671,6 +781,16 @@ def format_table(result: dict) -> str:
             f"{m['load_avg_start']} on {m['cpu_count']} cores): figures may be noisy; rerun it idle"
         )
     return "\n".join(lines)
+
+
+def _speed_rows(rows: dict, names: dict) -> list[str]:
+    """One table line per path: images/s, ratio to the plain path, peak and step memory."""
+    base = rows["plain"]["images_per_s"]
+    return [
+        f"{names[key]:32s} {row['images_per_s']:12.0f} {row['images_per_s'] / base:6.2f}x "
+        f"{row['peak_mb']:9.0f} {row['step_mb']:8.0f}"
+        for key, row in rows.items()
+    ]
 
 
 # ------------------------------------------------------------------------------ command line

@@ -99,10 +99,10 @@ class Probes:
         return Path(path).stat().st_size
 
     def weights_path(self, arch: str) -> Path:
-        """Where torchvision keeps ``arch``'s ImageNet weights (``models.weights_cache_path`` where it exists)."""
-        models = self.module("course_utils.models")
-        if models is not None and hasattr(models, "weights_cache_path"):
-            return Path(models.weights_cache_path(arch))
+        """Where torchvision keeps ``arch``'s ImageNet weights (``weights.weights_cache_path`` where it exists)."""
+        weights = self.module("course_utils.machinery.weights")
+        if weights is not None and hasattr(weights, "weights_cache_path"):
+            return Path(weights.weights_cache_path(arch))
         hub = self.module("torch.hub")
         if hub is not None:
             return Path(hub.get_dir()) / "checkpoints" / WEIGHTS[arch]
@@ -312,8 +312,8 @@ def check_cpu(p: Probes) -> list[Finding]:
     cores = os.cpu_count()
     if torch is None:
         return [Finding(NOTE, "cpu", f"{platform.processor() or platform.machine()}, {cores} logical cores")]
-    train = p.module("course_utils.train")
-    bf16 = train.native_bf16(torch.device("cpu"))
+    precision = p.module("course_utils.machinery.precision")
+    bf16 = precision.native_bf16(torch.device("cpu"))
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "?")()
     threads = torch.get_num_threads()
     text = (

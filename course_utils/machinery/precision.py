@@ -335,6 +335,29 @@ def choose(
     """``amp`` and ``channels_last`` for training ``model`` at ``image_size`` on ``device`` (module docstring:
     argument > ``COURSE_AMP``/``COURSE_CHANNELS_LAST`` > measurement on a native-bf16 CPU > rule)."""
     device = torch.device(device)
+    amp, channels_last, source = _arguments_and_env(amp, channels_last)
+    if amp is not None and channels_last is not None:
+        return Choice(bool(amp), bool(channels_last), source)
+    sides = _sides(image_size)
+    if not _can_measure(device, model, sides):
+        return _by_rule(device, model, sides, amp, channels_last, source)
+    found = _measurement(model, sides, batch_size, measure_fn, cache_file)
+    if found is None:  # the measurement failed (now or earlier in this process): the rule
+        return _by_rule(device, model, sides, amp, channels_last, source)
+    entry, how, key = found
+    figures = entry["images_per_s"]
+    best = _fastest(figures, amp, channels_last)
+    if best is None:  # an entry without the candidate a fixed setting needs: the rule for the other one
+        best, how = (rule_amp(device, sides), rule_channels_last(model, device)), "rule"
+    if amp is None:
+        amp, source["amp"] = best[0], how
+    if channels_last is None:
+        channels_last, source["channels_last"] = best[1], how
+    return Choice(bool(amp), bool(channels_last), source, dict(figures), key)
+
+
+def _arguments_and_env(amp, channels_last) -> tuple[bool | None, bool | None, dict]:
+    """Steps 1 and 2 of the module docstring: ``(amp, channels_last, source)``, ``None`` where still open."""
     source = {}
     env_amp, env_cl = _env_switch(ENV_AMP), _env_switch(ENV_CHANNELS_LAST)
     if amp is not None:
@@ -345,11 +368,12 @@ def choose(
         source["channels_last"] = "argument"
     elif env_cl is not None:
         channels_last, source["channels_last"] = env_cl, "env"
-    if amp is not None and channels_last is not None:
-        return Choice(bool(amp), bool(channels_last), source)
+    return amp, channels_last, source
 
-    sides = _sides(image_size)
-    can_measure = (
+
+def _can_measure(device: torch.device, model, sides) -> bool:
+    """A CPU with native bf16, a model, a known input size of at least 32×32, and measuring switched on."""
+    return (
         device.type == "cpu"
         and model is not None
         and sides is not None
@@ -357,60 +381,64 @@ def choose(
         and min(sides) >= MIN_BF16_SIDE
         and _measuring()
     )
-    if not can_measure:
-        return _by_rule(device, model, sides, amp, channels_last, source)
 
+
+def _measurement(model, sides, batch_size, measure_fn, cache_file) -> tuple[dict, str, str] | None:
+    """``(entry, "cached" | "measured", key)`` for ``model`` at ``sides`` from this process's memo, the cache
+    file or a new measurement (then written to the cache); ``None`` where measuring failed (with a warning)."""
     path = Path(cache_file) if cache_file else cache_path()
     key = cache_key(model, sides)
     entry = _MEMO.get((str(path), key))
-    how = "cached"
     if entry == {}:  # the measurement failed earlier in this process: the rule, without trying again
-        return _by_rule(device, model, sides, amp, channels_last, source)
+        return None
+    if entry is not None:
+        return entry, "cached", key
+    entries = read_cache(path)
+    entry, how = entries.get(key), "cached"
     if entry is None:
-        entries = read_cache(path)
-        entry = entries.get(key)
-        if entry is None:
-            try:
-                figures = (measure_fn or measure)(model, sides, batch_size or 128)
-            except Exception as err:  # a model the probe cannot copy or run: the rule, and say so
-                warnings.warn(
-                    f"could not measure bf16/fp32 for {type(model).__name__} ({err!r}); using the rule",
-                    stacklevel=2,
-                )
-                _MEMO[(str(path), key)] = {}
-                return _by_rule(device, model, sides, amp, channels_last, source)
-            entry = {
-                "images_per_s": {k: round(float(v), 1) for k, v in figures.items()},
-                "batch_size": batch_size or 128,
-                "steps": STEPS,
-                "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            entries[key] = entry
-            write_cache(entries, path)
-            how = "measured"
-        _MEMO[(str(path), key)] = entry
-    figures = entry["images_per_s"]
+        try:
+            figures = (measure_fn or measure)(model, sides, batch_size or 128)
+        except Exception as err:  # a model the probe cannot copy or run: the rule, and say so
+            warnings.warn(
+                f"could not measure bf16/fp32 for {type(model).__name__} ({err!r}); using the rule",
+                stacklevel=3,
+            )
+            _MEMO[(str(path), key)] = {}
+            return None
+        entry, how = _new_entry(figures, batch_size), "measured"
+        entries[key] = entry
+        write_cache(entries, path)
+    _MEMO[(str(path), key)] = entry
+    return entry, how, key
+
+
+def _new_entry(figures: dict[str, float], batch_size: int | None) -> dict:
+    return {
+        "images_per_s": {k: round(float(v), 1) for k, v in figures.items()},
+        "batch_size": batch_size or 128,
+        "steps": STEPS,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _fastest(figures: dict[str, float], amp, channels_last) -> tuple[bool, bool] | None:
+    """``(amp, channels_last)`` of the fastest measured candidate that fits the fixed settings (bf16 only
+    where it beats fp32 by :data:`BF16_MARGIN`); ``None`` if no measured candidate fits them."""
     fits = {
         name: v
         for name, v in figures.items()
         if (amp is None or CANDIDATES[name][0] == amp)
         and (channels_last is None or CANDIDATES[name][1] == channels_last)
     }
-    if fits:
-        best = max(fits, key=fits.get)
-        fp32 = [name for name in fits if not CANDIDATES[name][0]]
-        if CANDIDATES[best][0] and fp32:  # bf16 only where it pays: within BF16_MARGIN of fp32, fp32
-            best_fp32 = max(fp32, key=fits.get)
-            if fits[best] < fits[best_fp32] * (1 + BF16_MARGIN):
-                best = best_fp32
-        best_amp, best_cl = CANDIDATES[best]
-    else:  # an entry without the candidate a fixed setting needs: the rule for the other one
-        best_amp, best_cl, how = rule_amp(device, sides), rule_channels_last(model, device), "rule"
-    if amp is None:
-        amp, source["amp"] = best_amp, how
-    if channels_last is None:
-        channels_last, source["channels_last"] = best_cl, how
-    return Choice(bool(amp), bool(channels_last), source, dict(figures), key)
+    if not fits:
+        return None
+    best = max(fits, key=fits.get)
+    fp32 = [name for name in fits if not CANDIDATES[name][0]]
+    if CANDIDATES[best][0] and fp32:  # bf16 only where it pays: within BF16_MARGIN of fp32, fp32
+        best_fp32 = max(fp32, key=fits.get)
+        if fits[best] < fits[best_fp32] * (1 + BF16_MARGIN):
+            best = best_fp32
+    return CANDIDATES[best]
 
 
 def _by_rule(device, model, sides, amp, channels_last, source) -> Choice:

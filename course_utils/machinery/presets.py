@@ -5,13 +5,15 @@
 * ``full`` — the lesson's 50 epochs on all 50,000 images (default on a GPU).
 
 Without ``COURSE_PRESET`` the hardware decides: ``full`` with CUDA, ``quick`` otherwise. Each notebook's
-``parameters`` cell leaves its values at ``None``; ``resolve`` fills what papermill's ``-p`` did not set.
+``parameters`` cell leaves its values at ``None``; ``resolve`` fills what papermill's ``-p`` did not set, from
+the notebook's own table of sizes per preset where it has one, else from :data:`PRESETS`.
 """
 
 from __future__ import annotations
 
 import html
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -35,12 +37,35 @@ def preset_name(name: str | None = None) -> str:
     return name
 
 
-def resolve(preset: str | None = None, **overrides) -> dict:
-    """The preset's values, with every override that is not ``None`` (papermill ``-p``) taking precedence."""
+def resolve(preset: str | None = None, table: Mapping[str, Mapping] | None = None, **overrides) -> dict:
+    """A notebook's sizes: the preset's values, then the notebook's own values for that preset, then its
+    ``parameters`` cell.
+
+    ``table``: ``{preset: {key: value}}`` for what the generic presets do not fit (e.g. fewer images for
+    VGG16); a ``None`` there is kept (e.g. all images). ``overrides``: the parameters cell, where ``None``
+    means not set (papermill ``-p`` sets it). A list for ``epochs`` (as papermill passes it) becomes a tuple.
+    """
     name = preset_name(preset)
     values = dict(PRESETS[name], preset=name)
+    values.update(_notebook_values(table, name))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("epochs"), list):
+        values["epochs"] = tuple(values["epochs"])
     return check_sizes(values)
+
+
+def _notebook_values(table: Mapping[str, Mapping] | None, name: str) -> dict:
+    """``table[name]``, once ``table`` is known to name only presets (a misspelt one would be ignored)."""
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
+        raise ValueError(
+            f"table must be {{preset: {{key: value}}}}, e.g. {{'smoke': {{'train_size': 256}}}}; got {table!r}"
+        )
+    unknown = sorted(set(table) - set(PRESETS))
+    if unknown:
+        raise ValueError(f"table names unknown presets {unknown}: choose from {', '.join(PRESETS)}")
+    return dict(table.get(name, {}))
 
 
 def check_sizes(values: dict) -> dict:
