@@ -1,12 +1,11 @@
 """Helpers for the course "Fine-tuning a pretrained CNN with CBAM attention".
 
-One module per idea the notebooks teach, data flowing in this order:
-``data`` → ``cbam`` / ``models`` → ``finetune`` (the schedule) → ``train`` (``fit``) → ``plots``;
-``lr_finder`` sweeps one stage's learning rate with ``train``'s own step; ``presets`` sizes the runs, ``experiments`` caches the strategy comparison's runs on disk, ``widgets`` is the
-instructor's schedule designer, ``bench`` the benchmark (``python -m course_utils bench``);
-``devices`` picks CUDA, MPS or the CPU. ``python -m course_utils course|test|lab|bench|doctor|book``:
-``bootstrap`` sets up ``.venv`` with the standard library only, ``doctor`` checks the machine.
-Nothing is imported here, so ``python -m course_utils`` starts with a bare Python.
+The modules here teach, one idea each, in the order data flows (``course_utils/README.md`` gives the
+reading order): ``data`` → ``cbam`` / ``models`` → ``finetune`` (the schedule and the optimizer) →
+``batchnorm`` → ``train`` (``fit``) → ``lr_finder`` → ``plots``; ``experiments`` runs the strategy
+comparison and ``widgets`` is the instructor's panel. What runs the course but is never taught — the
+command line, ``doctor``, ``bench``, the book, precision, devices, downloads, checkpoints, checks — lives in
+``course_utils.machinery``. Nothing is imported here, so ``python -m course_utils`` starts with a bare Python.
 """
 
 __version__ = "0.1.0"

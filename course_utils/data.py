@@ -71,7 +71,8 @@ def _pick(labels: torch.Tensor, size: int | None, seed: int, name: str, source: 
     """:func:`balanced_subset` of one split, warning (at load_cifar10's caller) when ``size`` is too many."""
     if size is not None and size > len(labels):
         warnings.warn(
-            f"{name}={size} but {source} holds only {len(labels)} images of that split: using all {len(labels)}",
+            f"{name}={size} but {source} holds only {len(labels)} images of that split: "
+            f"using all {len(labels)}",
             UserWarning,
             stacklevel=3,
         )
@@ -114,9 +115,8 @@ def load_cifar10(
     if verbose:
         if not found.full:
             print(subset_banner(found))
-        print(
-            f"CIFAR-10: {len(data.train_labels)} train / {len(data.val_labels)} val images from {found.source}"
-        )
+        n_train, n_val = len(data.train_labels), len(data.val_labels)
+        print(f"CIFAR-10: {n_train} train / {n_val} val images from {found.source}")
     return data
 
 
@@ -145,8 +145,9 @@ def crop_flip(
 
 
 def resize(images: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
-    """Bilinear resize of a float batch to ``size``×``size``; antialiased when shrinking. Where the device has
-    no kernel for it (the antialiased one on MPS in some torch releases) it is done on the CPU and moved back."""
+    """Bilinear resize of a float batch to ``size``×``size``; antialiased when shrinking. Where the device
+    has no kernel for it (the antialiased one on MPS in some torch releases) it is done on the CPU and moved
+    back."""
     resize_to = functools.partial(
         F.interpolate, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
     )
@@ -166,7 +167,8 @@ def _check_images_and_labels(images, labels) -> None:
     """``ValueError`` unless ``images`` is a non-empty uint8 (N, C, H, W) tensor with N integer labels."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(
-            f"images must be a uint8 (N, C, H, W) tensor (as load_cifar10 gives them), got {_described(images)}"
+            "images must be a uint8 (N, C, H, W) tensor (as load_cifar10 gives them), "
+            f"got {_described(images)}"
         )
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
         raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {_described(labels)}")
@@ -310,7 +312,8 @@ class PilDataset(torch.utils.data.Dataset):
 def plain_transforms(
     train: bool, mean=CIFAR_MEAN, std=CIFAR_STD, image_size: int | None = None, lesson: bool = False
 ):
-    """torchvision transforms on PIL images; ``lesson=True`` adds the original lesson's ColorJitter and rotation."""
+    """torchvision transforms on PIL images; ``lesson=True`` adds the original lesson's ColorJitter and
+    rotation."""
     from torchvision import transforms as T
 
     steps = []

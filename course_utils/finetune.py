@@ -9,9 +9,10 @@ Read one line per stage, fastai-style::
 Group names are those of :func:`course_utils.models.layer_groups` plus four aliases resolved against
 a model: ``"new"`` (the groups that start random: head, CBAM, and a new stem), ``"pretrained"`` (the
 rest), ``"high"`` (the model's last two stages, ``model.high_groups``: ResNet18's layer3 and layer4,
-VGG16's block4 and block5 — so one schedule fits both) and ``"all"``. ``lr`` is one float for every trainable group, or a ``{group or alias: lr}`` dict
-where a group's own entry beats an alias. All parameters are in the optimizer from the start; a frozen
-group simply has learning rate 0, no gradients and its BatchNorm layers in eval mode.
+VGG16's block4 and block5 — so one schedule fits both) and ``"all"``. ``lr`` is one float for every
+trainable group, or a ``{group or alias: lr}`` dict where a group's own entry beats an alias. All
+parameters are in the optimizer from the start; a frozen group simply has learning rate 0, no gradients
+and its BatchNorm layers in eval mode.
 
 What a group's BatchNorm layers do when it trains is the BatchNorm policy, one per run or per stage:
 see :mod:`course_utils.batchnorm`.
@@ -82,7 +83,8 @@ def expand_group(
 class Stage:
     """``epochs`` epochs training the groups in ``trainable`` (names, aliases or ``"all"``) at ``lr``.
 
-    ``bn``: this stage's BatchNorm policy (one of ``BN_POLICIES``), ``None`` = the run's (``fit``'s ``bn_policy``).
+    ``bn``: this stage's BatchNorm policy (one of ``BN_POLICIES``), ``None`` = the run's
+    (``fit``'s ``bn_policy``).
     """
 
     name: str
@@ -123,7 +125,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """What one epoch does: its stage, the groups it trains, and the learning rate of every group (0 if frozen).
+    """What one epoch does: its stage, the groups it trains, and the learning rate of every group
+    (0 if frozen).
 
     ``bn``: the stage's BatchNorm policy (``None`` = the run's).
     """
@@ -213,7 +216,7 @@ class Schedule:
         new_groups: Collection[str] = NEW_GROUPS,
         high_groups: Collection[str] | None = None,
     ) -> list[EpochPlan]:
-        """One :class:`EpochPlan` per epoch; raises ``ValueError`` for any stage that does not fit the groups."""
+        """One :class:`EpochPlan` per epoch; ``ValueError`` for any stage that does not fit the groups."""
         plans, epoch = [], 1
         for stage in self.stages:
             trainable, lr = self.resolve(stage, list(groups), new_groups, high_groups)
@@ -421,3 +424,21 @@ def apply_epoch(
         if group not in plan.trainable or (policy == "frozen" and group not in new_groups):
             for bn in bns:
                 bn.eval()
+
+
+# ------------------------------------------------------------------------------- how far each group moved
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, to measure later how far each group moved (lesson 03: the interns move,
+    the senior experts barely)."""
+    return {name: p.detach().clone().cpu() for name, p in model.named_parameters()}
+
+
+def weight_drift(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer group: ‖w − w₀‖ / ‖w₀‖ over all its parameters (0 = did not move)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    drift = {}
+    for group, params in layer_groups(model).items():
+        moved = sum(float((p.detach().cpu() - start[names[id(p)]]).pow(2).sum()) for p in params)
+        size = sum(float(start[names[id(p)]].pow(2).sum()) for p in params)
+        drift[group] = (moved / size) ** 0.5 if size > 0 else float(moved > 0)
+    return drift

@@ -124,9 +124,10 @@ class LRFinderResult:
         epochs of stage 1 at each (seed 0): valley 25.2 % validation accuracy, steepest 23.5 % (the lesson's
         1e-3: 10.2 %, no learning on random features). In stage 2: valley 2.3e-3 / 2.3e-3 / 5.9e-3, steepest
         1.3e-3 / 6.3e-4 / 9.1e-4; two epochs of stage 2 after one of stage 1 (seed 0): valley 34.2 %,
-        steepest 34.5 %, the lesson's 1e-4 33.8 % — no difference beyond noise there. A steepest slope is a derivative of a noisy curve: one steep stretch of a few
-        steps decides it, anywhere on the curve; the valley needs the loss to keep falling over the longest
-        stretch and takes its middle, so it stays inside the descent with a margin to the blow-up.
+        steepest 34.5 %, the lesson's 1e-4 33.8 % — no difference beyond noise there. A steepest slope is a
+        derivative of a noisy curve: one steep stretch of a few steps decides it, anywhere on the curve; the
+        valley needs the loss to keep falling over the longest stretch and takes its middle, so it stays
+        inside the descent with a margin to the blow-up.
 
         The smoothed curve lags the raw loss by about ``smooth / (1 - smooth)`` steps (49 for 0.98: four
         decades of a 100-step sweep from 1e-7 to 10), which moves any rule to the right; more steps (or a
@@ -153,7 +154,8 @@ class LRFinderResult:
         return replace(self.stage, lr=top)
 
     def plot(self, ax=None, rule: str = "valley"):
-        """The raw and smoothed loss against the multiplier (log axis), the suggestion marked; returns the figure."""
+        """The raw and smoothed loss against the multiplier (log axis), the suggestion marked; returns the
+        figure."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -291,7 +293,7 @@ def _restored_afterwards(model: nn.Module, optimizer, loader, seed: int):
 
 
 def _rng_states() -> tuple:
-    """The global RNGs' states: ``random``, torch CPU, CUDA and MPS (``None`` where there is no such device)."""
+    """The global RNGs' states: ``random``, torch CPU, CUDA and MPS (``None`` where there is none)."""
     return (
         random.getstate(),
         torch.get_rng_state(),

@@ -8,8 +8,8 @@ torchvision's own API) and expose the same things to the rest of the course:
   (the new head and CBAM always; the stem too with ``stem="cifar"``): the schedule's ``"new"``;
 * ``model.stages`` — the stage names in forward order, and ``model.features(x)`` — each stage's output.
 
-``weights=`` takes None (random), ``"imagenet"`` or any of torchvision's names and enums, or a state_dict file;
-where the files come from and how they are checked is :mod:`course_utils.machinery.weights`.
+``weights=`` takes None (random), ``"imagenet"`` or any of torchvision's names and enums, or a state_dict
+file; where the files come from and how they are checked is :mod:`course_utils.machinery.weights`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ NEW_GROUPS = ("cbam", "head")  # the groups that start random, for a model witho
 # ---------------------------------------------------------------------------- pretrained backbones
 def _load_backbone(backbone: nn.Module, arch: str, weights, head_prefix: str) -> None:
     """Load ``weights`` (see :func:`course_utils.machinery.weights.pretrained_state`) into the torchvision
-    backbone, all but its 1000-class ImageNet head (the course's head is new); ``weights=None`` keeps it random."""
+    backbone, all but its 1000-class ImageNet head (the course's head is new); ``weights=None`` keeps it
+    random."""
     state = pretrained_state(arch, weights)
     if state is None:
         return
@@ -44,7 +45,8 @@ def _load_backbone(backbone: nn.Module, arch: str, weights, head_prefix: str) ->
 
 # ---------------------------------------------------------------------------- ResNet18
 class BasicBlockCBAM(nn.Module):
-    """A torchvision BasicBlock with CBAM on the residual branch before the addition (the paper's placement)."""
+    """A torchvision BasicBlock with CBAM on the residual branch before the addition (the paper's
+    placement)."""
 
     def __init__(self, block: BasicBlock, cbam: CBAM):
         super().__init__()
@@ -259,7 +261,8 @@ def stage_table(model: nn.Module, image_size: int = 32) -> list[dict]:
 def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
     """``build(weights="imagenet", **kwargs)``, or — when the weights cannot be had — random weights, loudly.
 
-    Returns ``(model, pretrained)``; the notebooks use ``pretrained`` to say which conclusions then do not hold.
+    Returns ``(model, pretrained)``; the notebooks use ``pretrained`` to say which conclusions then do not
+    hold.
     """
     try:
         return build(weights="imagenet", **kwargs), True

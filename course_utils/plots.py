@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .finetune import EpochPlan, Schedule
-from .models import layer_groups
 
 STAGE_COLORS = ("#e8f0fe", "#fef3e0", "#e6f4ea", "#fce8e6", "#f3e8fd")
 # Fonts that draw Chinese, by platform: Debian's fonts-noto-cjk, macOS, Windows, others.
@@ -159,26 +158,10 @@ def plot_lr(source, ax=None, log: bool = True, title: str = "learning rate per g
     return fig
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every parameter, to measure later how far each group moved."""
-    return {name: p.detach().clone().cpu() for name, p in model.named_parameters()}
-
-
-def weight_drift(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Per layer group: ‖w − w₀‖ / ‖w₀‖ over all its parameters (0 = did not move)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    drift = {}
-    for group, params in layer_groups(model).items():
-        moved = sum(float((p.detach().cpu() - start[names[id(p)]]).pow(2).sum()) for p in params)
-        size = sum(float(start[names[id(p)]].pow(2).sum()) for p in params)
-        drift[group] = (moved / size) ** 0.5 if size > 0 else float(moved > 0)
-    return drift
-
-
 def plot_weight_drift(
     drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"
 ):
-    """Bars of :func:`weight_drift` per group; pass ``{run_name: drift}`` to compare runs side by side."""
+    """Bars of :func:`~course_utils.finetune.weight_drift` per group; pass ``{run_name: drift}`` to compare runs side by side."""
     if drifts and not isinstance(next(iter(drifts.values())), Mapping):
         drifts = {"": drifts}
     fig, (ax,) = _figure(1, size=(7, 3.4))

@@ -63,7 +63,8 @@ def torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def resnet18_state_file(tmp_path_factory):
-    """A seeded random torchvision ResNet18 state_dict saved with torch.save: stands in for ImageNet weights."""
+    """A seeded random torchvision ResNet18 state_dict saved with torch.save: stands in for ImageNet
+    weights."""
     from torchvision.models import resnet18
 
     torch.manual_seed(1234)

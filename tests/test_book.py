@@ -7,6 +7,7 @@ would be: every request that is not a ``file:`` URL is aborted. Screenshots go t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
     out, executed = smoke_book["out"], smoke_book["executed"]
     index = smoke_book["index"].read_text(encoding="utf-8")
     pages = [out / (p.stem + ".html") for p in executed]
-    assert [m for m in re.findall(r'href="([^"]+)"', index)] == [p.name for p in pages]
+    assert list(re.findall(r'href="([^"]+)"', index)) == [p.name for p in pages]
     for i, (path, page) in enumerate(zip(executed, pages)):
         nb = json.loads(path.read_text(encoding="utf-8"))
         summary = book.lesson_summary(nb, path)
@@ -121,54 +122,59 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
         cdp = context.new_cdp_session(page)
         try:
             for target in pages:
-                page.goto(target.as_uri(), wait_until="load")
-                assert page.title(), f"{target.name} has no title"
-                images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-                if target != index:
-                    assert images, f"{target.name} shows no figure"
-                assert all(done and width > 0 for done, width in images), (
-                    f"{target.name}: a figure did not load {images}"
-                )
-                # every link inside the book resolves to a page that exists (and to an element, for #anchors)
-                hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
-                for href in hrefs:
-                    file = local_file(href)
-                    if file is None:
-                        continue  # an http(s) link in the lesson text
-                    assert file.is_file(), f"{target.name} links to {href}, which does not exist"
-                    fragment = urlparse(href).fragment
-                    if fragment and file == target:
-                        assert page.locator(f"[id={json.dumps(fragment)}]").count(), (
-                            f"{target.name}: no #{fragment}"
-                        )
-                assert "index.html" in " ".join(hrefs) or target == index
-                assert_cjk_renders(page, cdp, target.name)
-                if target == index:
-                    page.screenshot(path=str(ARTIFACTS / "book_index.png"))
-            # the navigation works by clicking, too: index → lesson 1 → next → back to the index
-            page.goto(index.as_uri())
-            page.locator("a", has_text=re.compile(r"^01")).first.click()
-            page.wait_for_load_state()
-            assert local_file(page.url) == pages[1]
-            page.locator("nav.book-nav.top a.book-next").click()
-            page.wait_for_load_state()
-            assert local_file(page.url) == pages[2]
-            page.screenshot(path=str(ARTIFACTS / "book_lesson.png"), full_page=False)
-            details = page.locator("details.book-code").first
-            assert details.get_attribute("open") is not None
-            details.locator("summary").click()
-            assert details.get_attribute("open") is None, "clicking the summary did not fold the code cell"
-            page.locator("nav.book-nav.top a.book-home").click()
-            page.wait_for_load_state()
-            assert local_file(page.url) == index
+                check_book_page(page, cdp, target, index)
+            click_through_the_book(page, index, pages)
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / "book_failure.png"))
-            except Exception:
-                pass
             raise
         finally:
             context.close()
+
+
+def check_book_page(page, cdp, target: Path, index: Path) -> None:
+    """One page of the book in the browser: a title, every figure loaded, every link inside the book
+    resolving, Chinese drawn with a CJK font; a screenshot of the index."""
+    page.goto(target.as_uri(), wait_until="load")
+    assert page.title(), f"{target.name} has no title"
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+    if target != index:
+        assert images, f"{target.name} shows no figure"
+    assert all(done and width > 0 for done, width in images), f"{target.name}: a figure did not load {images}"
+    # every link inside the book resolves to a page that exists (and to an element, for #anchors)
+    hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+    for href in hrefs:
+        file = local_file(href)
+        if file is None:
+            continue  # an http(s) link in the lesson text
+        assert file.is_file(), f"{target.name} links to {href}, which does not exist"
+        fragment = urlparse(href).fragment
+        if fragment and file == target:
+            assert page.locator(f"[id={json.dumps(fragment)}]").count(), f"{target.name}: no #{fragment}"
+    assert "index.html" in " ".join(hrefs) or target == index
+    assert_cjk_renders(page, cdp, target.name)
+    if target == index:
+        page.screenshot(path=str(ARTIFACTS / "book_index.png"))
+
+
+def click_through_the_book(page, index: Path, pages: list[Path]) -> None:
+    """The navigation works by clicking, too: index → lesson 1 → next → back to the index; the code
+    cells fold."""
+    page.goto(index.as_uri())
+    page.locator("a", has_text=re.compile(r"^01")).first.click()
+    page.wait_for_load_state()
+    assert local_file(page.url) == pages[1]
+    page.locator("nav.book-nav.top a.book-next").click()
+    page.wait_for_load_state()
+    assert local_file(page.url) == pages[2]
+    page.screenshot(path=str(ARTIFACTS / "book_lesson.png"), full_page=False)
+    details = page.locator("details.book-code").first
+    assert details.get_attribute("open") is not None
+    details.locator("summary").click()
+    assert details.get_attribute("open") is None, "clicking the summary did not fold the code cell"
+    page.locator("nav.book-nav.top a.book-home").click()
+    page.wait_for_load_state()
+    assert local_file(page.url) == index
 
 
 def assert_cjk_renders(page, cdp, name: str) -> None:

@@ -1,4 +1,4 @@
-"""``python -m course_utils``: the stdlib bootstrap's decisions and the exact commands, without making a venv."""
+"""``python -m course_utils``: the stdlib bootstrap's decisions and the exact commands, making no venv."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ STDLIB = set(sys.stdlib_module_names)
 
 @pytest.fixture(autouse=True)
 def no_bootstrap_env(monkeypatch):
-    """The suite itself may run inside a re-run (COURSE_BOOTSTRAPPED=1, set by `python -m course_utils test`)."""
+    """The suite itself may run inside a re-run (COURSE_BOOTSTRAPPED=1, set by `python -m course_utils
+    test`)."""
     monkeypatch.delenv("COURSE_BOOTSTRAPPED", raising=False)
     monkeypatch.delenv("COURSE_ENV", raising=False)
 
@@ -284,8 +285,8 @@ def test_test_command_is_the_readmes():
     ]
     readme = (ROOT / "README.md").read_text()
     assert (
-        "--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --ignore-glob='tests/*.ipynb' "
-        "tests notebooks"
+        "--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg "
+        "--ignore-glob='tests/*.ipynb' tests notebooks"
     ) in " ".join(readme.replace("\\\n", " ").split())
 
 

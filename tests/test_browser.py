@@ -15,6 +15,7 @@ Playwright's own browser download. Without Chromium the test is skipped with tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,7 +97,7 @@ def run_all_cells(page, expect) -> None:
     kernel_idle = page.get_by_role("button", name=re.compile(r"Python 3.*\|\s*Idle"))
     expect(kernel_idle).to_be_visible(timeout=120_000)
     started = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]")).first
-    for attempt in range(3):
+    for _attempt in range(3):
         select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
         if select.count():  # a kernel dialog despite autoStartDefaultKernel: take the preferred kernel
             select.click()
@@ -128,17 +129,10 @@ def chromium():
     return path
 
 
-@pytest.fixture
-def jupyterlab(chromium, tmp_path):
-    """A JupyterLab server on a free port with a random token, in an isolated config; stopped afterwards."""
-    import psutil
-
-    root, home = tmp_path / "root", tmp_path / "jupyter"
-    root.mkdir()
-    panel_notebook(root / "04_panel.ipynb")
+def lab_environment(home: Path) -> dict:
+    """An isolated JupyterLab config under ``home``: start the notebook's kernel without asking, keep every
+    cell in the DOM (no windowing), and no news/update pop-ups over the notebook."""
     settings = home / "settings"
-    # Start the notebook's kernel without asking, keep every cell in the DOM (no windowing), and no
-    # news/update pop-ups over the notebook.
     _write_json(
         settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
         {"windowingMode": "none", "autoStartDefaultKernel": True},
@@ -147,7 +141,7 @@ def jupyterlab(chromium, tmp_path):
         settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
         {"fetchNews": "false", "checkForUpdates": False},
     )
-    env = dict(
+    return dict(
         os.environ,
         COURSE_PRESET="smoke",
         JUPYTER_CONFIG_DIR=str(home / "config"),
@@ -157,10 +151,11 @@ def jupyterlab(chromium, tmp_path):
         IPYTHONDIR=str(home / "ipython"),
         PYTHONUNBUFFERED="1",
     )
-    port, token = free_port(), secrets.token_hex(16)
-    jupyter = Path(sys.executable).with_name("jupyter")
+
+
+def lab_command(port: int, token: str, root: Path) -> list[str]:
     cmd = [
-        str(jupyter),
+        str(Path(sys.executable).with_name("jupyter")),
         "lab",
         "--no-browser",
         "--ServerApp.ip=127.0.0.1",
@@ -172,49 +167,135 @@ def jupyterlab(chromium, tmp_path):
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "browser_jupyterlab.log", "w")
-    server = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(
-                    f"JupyterLab exited with {server.returncode}; see {ARTIFACTS / 'browser_jupyterlab.log'}"
-                )
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("JupyterLab did not answer /api/status within 120 s")
-            time.sleep(0.5)
-        yield {"base": base, "token": token, "notebook": "04_panel.ipynb", "server": server}
-    finally:
-        # Kernels run in their own sessions: collect every descendant before stopping the server.
+    return cmd
+
+
+def wait_for_lab(server: subprocess.Popen, base: str, token: str, timeout: float = 120) -> None:
+    """Until the server answers ``/api/status``; ``RuntimeError`` if it exits or takes over ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"JupyterLab exited with {server.returncode}; see {ARTIFACTS / 'browser_jupyterlab.log'}"
+            )
         try:
-            children = psutil.Process(server.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)  # the server shuts its kernels down on SIGTERM
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        _, alive = psutil.wait_procs(children, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        log.close()
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"JupyterLab did not answer /api/status within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_lab(server: subprocess.Popen) -> None:
+    """Stop the server and every process it started (kernels run in their own sessions)."""
+    import psutil
+
+    try:
+        children = psutil.Process(server.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)  # the server shuts its kernels down on SIGTERM
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+@pytest.fixture
+def jupyterlab(chromium, tmp_path):
+    """A JupyterLab server on a free port with a random token, in an isolated config; stopped afterwards."""
+    root, home = tmp_path / "root", tmp_path / "jupyter"
+    root.mkdir()
+    panel_notebook(root / "04_panel.ipynb")
+    env = lab_environment(home)
+    port, token = free_port(), secrets.token_hex(16)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "browser_jupyterlab.log", "w") as log:
+        server = subprocess.Popen(
+            lab_command(port, token, root),
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_lab(server, base, token)
+            yield {"base": base, "token": token, "notebook": "04_panel.ipynb", "server": server}
+        finally:
+            stop_lab(server)
+
+
+# ------------------------------------------------------------------------------ the steps of the test
+def move_end1(page, expect, to: int) -> None:
+    """One key press on the stage-1 boundary slider (one at a time: the widget manager may merge quick
+    successive changes), then wait for its readout."""
+    page.locator(".schedule-end1 .noUi-handle").press("ArrowRight")
+    expect(page.locator(".schedule-end1 .widget-readout")).to_have_text(str(to))
+
+
+def check_first_move(page, expect) -> tuple[str, str]:
+    """The panel is drawn; moving the end of stage 1 with the keyboard (2 → 3) redraws the table.
+    Returns the table's text before and after."""
+    table = page.locator(".schedule-preview-table")
+    expect(page.locator(".schedule-designer .widget-slider").first).to_be_visible(timeout=240_000)
+    expect(table).to_contain_text("1-2", timeout=60_000)
+    expect(table).to_contain_text("3-5")
+    expect(page.locator(".schedule-preview-plot")).to_be_visible()
+    expect(page.locator(".schedule-error")).to_have_text("")
+    before = table.inner_text()
+    page.locator(".schedule-end1 .noUi-handle").focus()
+    move_end1(page, expect, 3)
+    expect(table).to_contain_text("1-3", timeout=60_000)
+    expect(table).to_contain_text("4-5")
+    moved = table.inner_text()
+    assert moved != before and "1-2" not in moved
+    return before, moved
+
+
+def check_find_lr(page, expect) -> tuple[str, str]:
+    """Stage 1's "find LR": the curve appears and stage 1's lr slider moves to the suggestion, which the
+    preview table shows too. Returns the slider's readout before and the suggestion."""
+    lr_readout = page.locator(".schedule-lr-1 .widget-readout")
+    lr_before = lr_readout.inner_text()
+    expect(page.locator(".schedule-lr-curve")).to_be_hidden()
+    page.locator("button.schedule-find-lr-1").click()
+    status = page.locator(".schedule-find-lr-status")
+    expect(status).to_contain_text("suggestion", timeout=180_000)
+    expect(page.locator(".schedule-lr-curve")).to_be_visible()
+    suggestion = re.search(r"suggestion (\S+) \(valley", status.inner_text()).group(1)  # Python's .1e
+    mantissa, exponent = suggestion.split("e")
+    expect(lr_readout).to_have_text(f"{mantissa}e{int(exponent)}", timeout=30_000)  # the slider's d3 .1e
+    expect(page.locator(".schedule-preview-table")).to_contain_text(suggestion, timeout=30_000)
+    return lr_before, suggestion
+
+
+def check_invalid_moves(page, expect) -> str:
+    """3 → 4 is still valid; 4 → 5 leaves stage 2 empty and 5 → 6 ends it before stage 1: the message
+    shows, Train is disabled and the table keeps the last valid schedule. Returns the message."""
+    table, error = page.locator(".schedule-preview-table"), page.locator(".schedule-error")
+    move_end1(page, expect, 4)
+    expect(table).to_contain_text("1-4", timeout=60_000)
+    expect(table).to_contain_text("5-5")
+    move_end1(page, expect, 5)
+    expect(error).to_contain_text("invalid choice", timeout=60_000)
+    expect(error).to_contain_text("stage 2 is empty")
+    move_end1(page, expect, 6)
+    expect(error).to_contain_text("stage 2 would end before stage 1", timeout=60_000)
+    expect(page.locator("button.schedule-train")).to_be_disabled()
+    kept = table.inner_text()
+    assert "1-4" in kept and "5-5" in kept, kept  # the preview keeps the last valid schedule
+    return error.inner_text()
 
 
 def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
@@ -234,85 +315,34 @@ def test_panel_in_jupyterlab(chromium, jupyterlab, tmp_path):
         )
         page = context.pages[0] if context.pages else context.new_page()
         page.set_default_timeout(60_000)
+        panel = page.locator(".schedule-designer")
 
         def shot(name, target=None):
             path = ARTIFACTS / name
             (target or page).screenshot(path=str(path))
             shots.append(path)
-            return path
 
         try:
             page.goto(f"{jupyterlab['base']}/lab/tree/{jupyterlab['notebook']}?token={jupyterlab['token']}")
             expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=120_000)
             run_all_cells(page, expect)
-
-            panel = page.locator(".schedule-designer")
-            table = page.locator(".schedule-preview-table")
-            error = page.locator(".schedule-error")
-            expect(page.locator(".schedule-designer .widget-slider").first).to_be_visible(timeout=240_000)
-            expect(table).to_contain_text("1-2", timeout=60_000)
-            expect(table).to_contain_text("3-5")
-            expect(page.locator(".schedule-preview-plot")).to_be_visible()
-            expect(error).to_have_text("")
-            before = table.inner_text()
-
-            # Move the end of stage 1 one epoch right with the keyboard: 2 → 3.
-            handle = page.locator(".schedule-end1 .noUi-handle")
-            handle.focus()
-            handle.press("ArrowRight")
-            expect(page.locator(".schedule-end1 .widget-readout")).to_have_text("3")
-            expect(table).to_contain_text("1-3", timeout=60_000)
-            expect(table).to_contain_text("4-5")
-            moved = table.inner_text()
-            assert moved != before and "1-2" not in moved
+            before, moved = check_first_move(page, expect)
             shot("browser_panel_moved.png", panel)
-
-            # Stage 1's "find LR": the curve appears and stage 1's lr slider moves to the suggestion.
-            lr_readout = page.locator(".schedule-lr-1 .widget-readout")
-            lr_before = lr_readout.inner_text()
-            expect(page.locator(".schedule-lr-curve")).to_be_hidden()
-            page.locator("button.schedule-find-lr-1").click()
-            status = page.locator(".schedule-find-lr-status")
-            expect(status).to_contain_text("suggestion", timeout=180_000)
-            expect(page.locator(".schedule-lr-curve")).to_be_visible()
-            suggestion = re.search(r"suggestion (\S+) \(valley", status.inner_text()).group(1)  # Python's .1e
-            mantissa, exponent = suggestion.split("e")
-            expect(lr_readout).to_have_text(
-                f"{mantissa}e{int(exponent)}", timeout=30_000
-            )  # the slider's d3 .1e
-            expect(table).to_contain_text(suggestion, timeout=30_000)  # the preview: the schedule follows
+            lr_before, suggestion = check_find_lr(page, expect)
             shot("browser_panel_find_lr.png", panel)
-
-            # One more (3 → 4) is still valid; then 4 → 5 leaves stage 2 empty and 5 → 6 ends it before stage 1.
-            # One key press at a time: the widget manager may merge quick successive changes.
-            handle.press("ArrowRight")
-            expect(page.locator(".schedule-end1 .widget-readout")).to_have_text("4")
-            expect(table).to_contain_text("1-4", timeout=60_000)
-            expect(table).to_contain_text("5-5")
-            handle.press("ArrowRight")
-            expect(page.locator(".schedule-end1 .widget-readout")).to_have_text("5")
-            expect(error).to_contain_text("invalid choice", timeout=60_000)
-            expect(error).to_contain_text("stage 2 is empty")
-            handle.press("ArrowRight")
-            expect(page.locator(".schedule-end1 .widget-readout")).to_have_text("6")
-            expect(error).to_contain_text("stage 2 would end before stage 1", timeout=60_000)
-            expect(page.locator("button.schedule-train")).to_be_disabled()
-            kept = table.inner_text()
-            assert "1-4" in kept and "5-5" in kept, kept  # the preview keeps the last valid schedule
+            message = check_invalid_moves(page, expect)
             shot("browser_panel.png", panel)
             shot("browser_page.png")
             assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
             print(
                 f"\nmoved the stage-1 end 2→3: preview table {before!r} → {moved!r}\n"
                 f"find LR (stage 1): slider {lr_before} → {suggestion}\n"
-                f"moved it 3→6: message {error.inner_text()!r}, table kept {kept!r}\n"
+                f"moved it 3→6: message {message!r}, table kept\n"
                 f"screenshots: {', '.join(str(s) for s in shots)}"
             )
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):
                 shot("browser_failure.png")
-            except Exception:
-                pass
             raise
         finally:
             context.close()

@@ -118,9 +118,10 @@ FAULTS = textwrap.dedent("""
     from course_utils.machinery import devices
     state = devices.keep_freed_memory("cpu")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-                                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     def step():
@@ -132,7 +133,8 @@ FAULTS = textwrap.dedent("""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
         step()
-    print(json.dumps({"state": state, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5}))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    print(json.dumps({"state": state, "faults": faults}))
 """)
 
 
@@ -180,11 +182,11 @@ def test_the_plain_path_runs_in_a_process_of_its_own_without_the_course_setting(
         seen, seconds, (peak, step) = plain.eval_pass()
         assert seen == 32 and seconds > 0 and peak > 0
     assert not plain.process.is_alive()
-    with pytest.raises(
-        RuntimeError, match=r"plain path failed in its process:(.|\n)*KeyError: 'nonexistent'"
+    with (
+        pytest.raises(RuntimeError, match=r"plain path failed in its process:(.|\n)*KeyError: 'nonexistent'"),
+        bench.PlainProcess({**spec, "model": "nonexistent"}),
     ):
-        with bench.PlainProcess({**spec, "model": "nonexistent"}):
-            pass
+        pass
 
 
 def test_fit_refuses_a_wrong_setting_before_anything_changes(fresh, monkeypatch):

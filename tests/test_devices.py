@@ -1,4 +1,4 @@
-"""Device choice (CUDA > MPS > CPU, COURSE_DEVICE), MPS fallbacks, and DataLoader workers on spawn platforms."""
+"""Device choice (CUDA > MPS > CPU, COURSE_DEVICE), MPS fallbacks, DataLoader workers on spawn platforms."""
 
 from __future__ import annotations
 

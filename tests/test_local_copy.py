@@ -1,4 +1,5 @@
-"""``machinery.datafiles.build_local_copy``: CIFAR-10 in torchvision's on-disk layout from a JPEG tar, held-out images kept out."""
+"""``machinery.datafiles.build_local_copy``: CIFAR-10 in torchvision's on-disk layout from a JPEG tar,
+held-out images kept out."""
 
 from __future__ import annotations
 

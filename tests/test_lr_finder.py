@@ -61,7 +61,7 @@ def optimizer_state(opt) -> list:
     flat = [
         (k, {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}) for k, s in sd["state"].items()
     ]
-    return [flat, [{k: v for k, v in g.items()} for g in sd["param_groups"]]]
+    return [flat, [dict(g) for g in sd["param_groups"]]]
 
 
 def equal_optimizer_states(a, b) -> bool:
@@ -247,7 +247,8 @@ class Quadratic(nn.Module):
 
 
 class NoisyTargets:
-    """Batches of the two inputs x₁ = (a, 0), x₂ = (0, b), targets w*·x + noise (σ): Hessian diag(a², b²)/2."""
+    """Batches of the two inputs x₁ = (a, 0), x₂ = (0, b), targets w*·x + noise (σ): Hessian
+    diag(a², b²)/2."""
 
     def __init__(self, a=2.0, b=1.0, sigma=0.5, batches=300, seed=0):
         self.x = torch.tensor([[a, 0.0], [0.0, b]], dtype=torch.float64)
@@ -327,7 +328,7 @@ def test_nesterov_sgd_on_a_quadratic_diverges_where_theory_says():
     check_divergence_at(result, 2 * (1 + beta) / ((1 + 2 * beta) * lam_max))
 
 
-# ------------------------------------------------------------------------------ determinism, stopping, cycling
+# -------------------------------------------------------------------------- determinism, stopping, cycling
 def test_two_runs_with_the_same_seed_give_identical_curves(model, tiny_data):
     images, labels = tiny_data
     dataset = torch.utils.data.TensorDataset(images[:64].float() / 255, labels[:64])

@@ -1,4 +1,5 @@
-"""ResNet18/VGG16 with CBAM (course_utils.models): layer groups, identity insertion, shapes, weights loading."""
+"""ResNet18/VGG16 with CBAM (course_utils.models): layer groups, identity insertion, shapes, weights
+loading."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""bf16/fp32 and channels_last on the CPU: measured once per machine, cached, overridable (course_utils.machinery.precision).
+"""bf16/fp32 and channels_last on the CPU: measured once per machine, cached, overridable
+(course_utils.machinery.precision).
 
 The measurement's own timings are replaced by a fake clock (an injected timer that a model advances by
 what each candidate "costs"), so the tests know which candidate must win and run in milliseconds.
@@ -259,7 +260,8 @@ def test_measurement_picks_the_faster_of_fake_timings(bf16_cpu, cost, winner):
 
 
 def test_fit_follows_the_measured_choice_and_measures_once(bf16_cpu, monkeypatch):
-    """On a native-bf16 CPU where fp32 measured faster, fit's default trains in fp32; a second fit reads the cache."""
+    """On a native-bf16 CPU where fp32 measured faster, fit's default trains in fp32; a second fit reads the
+    cache."""
     fake = FakeMeasure(FP32_FASTEST)
     monkeypatch.setattr(precision, "measure", fake)
     model = resnet18_cbam(weights=None)
@@ -335,9 +337,9 @@ def test_bench_reports_the_choice_and_its_figures(
     assert config["precision"]["source"] == {"amp": want_source, "channels_last": "measured"}
     assert config["precision"]["images_per_s"] == FP32_FASTEST and len(fake.calls) == 1
     printed = capsys.readouterr().out
+    want_precision = "bf16 autocast" if want_amp else "fp32"
     assert (
-        f"precision choice: {'bf16 autocast' if want_amp else 'fp32'} ({want_source}), channels_last (measured)"
-        in printed
+        f"precision choice: {want_precision} ({want_source}), channels_last (measured)" in printed
         and "fp32 channels_last 400" in printed
     )
 

@@ -1,5 +1,6 @@
 """Pretrained weights by torchvision's names and enums, files checked against the sha256 prefix in their
-name, and the mirrors for weights and CIFAR-10 (issues 9 and 10) — all offline: local folders and file:// URLs.
+name, and the mirrors for weights and CIFAR-10 (issues 9 and 10) — all offline: local folders and file://
+URLs.
 
 A generated state_dict cannot match torchvision's real hash (f37072fd), so the tests either name the file
 after its own hash (fixture ``self_hashed_imagenet``, which points torchvision's URL at that name) or

@@ -1,5 +1,6 @@
 """The schedule designer without a browser: the values → Schedule mapping, the panel's reactions to
-changes (preview, invalid choices, templates), the Train button's and the "find LR" buttons' callbacks on tiny loaders."""
+changes (preview, invalid choices, templates), the Train button's and the "find LR" buttons' callbacks
+on tiny loaders."""
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ def test_every_template_round_trips(name):
 def test_boundaries_become_stage_lengths():
     schedule = schedule_from_values(values(end1=7, end2=12, total=40), GROUPS, NEW)
     assert [(first, last) for _, first, last in schedule.boundaries()] == [(1, 7), (8, 12), (13, 40)]
-    assert [row["epochs"] for row in schedule.table(groups=GROUPS, new_groups=NEW, by_rate=True)] == ["1-7", "8-12", "13-40"]
+    assert [row["epochs"] for row in schedule.table(groups=GROUPS, new_groups=NEW, by_rate=True)] == [
+        "1-7",
+        "8-12",
+        "13-40",
+    ]
 
 
 def test_fewer_stages_ignore_unused_boundaries():
@@ -123,7 +128,11 @@ def test_panel_starts_with_the_course_schedule(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
     assert panel.schedule == finetune.three_stage_schedule(epochs=(2, 3, 3))
     assert panel.error == "" and panel.preview.w_error.value == ""
-    assert "1-2" in panel.preview.w_table.value and "3-5" in panel.preview.w_table.value and "6-8" in panel.preview.w_table.value
+    assert (
+        "1-2" in panel.preview.w_table.value
+        and "3-5" in panel.preview.w_table.value
+        and "6-8" in panel.preview.w_table.value
+    )
     assert bytes(panel.preview.w_plot.value).startswith(b"\x89PNG")
 
 
@@ -132,7 +141,11 @@ def test_moving_a_slider_redraws_the_preview_in_place(model):
     children, plot, table = list(panel.children), panel.preview.w_plot.value, panel.preview.w_table.value
     panel.controls.w_end1.value = 3  # what the browser does: a trait change from the front end
     assert panel.schedule.boundaries()[0] == ("1 head+cbam", 1, 3)
-    assert "1-3" in panel.preview.w_table.value and "4-5" in panel.preview.w_table.value and panel.preview.w_table.value != table
+    assert (
+        "1-3" in panel.preview.w_table.value
+        and "4-5" in panel.preview.w_table.value
+        and panel.preview.w_table.value != table
+    )
     assert (
         bytes(panel.preview.w_plot.value) != bytes(plot) and list(panel.children) == children
     )  # one image, replaced, not stacked
@@ -146,7 +159,8 @@ def test_invalid_move_shows_a_message_and_keeps_the_last_valid_schedule(model):
     panel.controls.w_end1.value = 9  # past the end of stage 2: must not raise
     assert "stage 2 would end before stage 1" in panel.error
     assert (
-        "invalid choice" in panel.preview.w_error.value and "stage 2 would end before stage 1" in panel.preview.w_error.value
+        "invalid choice" in panel.preview.w_error.value
+        and "stage 2 would end before stage 1" in panel.preview.w_error.value
     )
     assert panel.schedule is valid and panel.preview.w_table.value == table
     assert panel.output.w_button.disabled
@@ -184,7 +198,10 @@ def test_train_button_runs_the_schedule_and_adds_rows(model):
     panel.output.w_button.click()
     assert panel.output.w_status.value.startswith("完成"), panel.output.w_status.value
     assert len(panel.runs) == 1 and len(panel.runs[0]["history"]) == 3
-    assert bytes(panel.output.w_curves.value).startswith(b"\x89PNG") and panel.output.w_curves.layout.display is None
+    assert (
+        bytes(panel.output.w_curves.value).startswith(b"\x89PNG")
+        and panel.output.w_curves.layout.display is None
+    )
     assert "schedule-runs" in panel.output.w_runs.value and "1-1 head+cbam" in panel.output.w_runs.value
     panel.controls.w_template.value = list(widgets.TEMPLATES)[3]
     panel.output.w_button.click()
@@ -229,7 +246,9 @@ def test_ticking_differential_gives_the_course_differential_schedule(model):
     panel = widgets.schedule_designer(model, epochs=(2, 3, 3))
     panel.controls.w_differential.value = True
     assert panel.schedule == finetune.three_stage_schedule(differential=True, epochs=(2, 3, 3))
-    assert panel.controls.w_lr[0].disabled and not panel.controls.w_lr_new[0].disabled  # stage 1 trains new modules only
+    assert (
+        panel.controls.w_lr[0].disabled and not panel.controls.w_lr_new[0].disabled
+    )  # stage 1 trains new modules only
     assert "1.0e-04 (pretrained) · 1.0e-03 (new)" in panel.preview.w_table.value  # stage 2: two rates
     panel.controls.w_differential.value = False
     assert panel.schedule == finetune.three_stage_schedule(epochs=(2, 3, 3))
@@ -259,9 +278,14 @@ def test_find_lr_in_differential_mode_sets_both_sliders_with_the_ratio_kept(mode
     panel.controls.w_find_lr[1].click()  # the stage-2 button
     result = panel.finder_results[2]
     assert "suggestion" in panel.output.w_lr_status.value, panel.output.w_lr_status.value
-    assert bytes(panel.output.w_lr_curve.value).startswith(b"\x89PNG") and panel.output.w_lr_curve.layout.display is None
+    assert (
+        bytes(panel.output.w_lr_curve.value).startswith(b"\x89PNG")
+        and panel.output.w_lr_curve.layout.display is None
+    )
     top = result.suggestion()
-    assert panel.controls.w_lr_new[1].value == pytest.approx(top) and panel.controls.w_lr[1].value == pytest.approx(top / 10)
+    assert panel.controls.w_lr_new[1].value == pytest.approx(top) and panel.controls.w_lr[
+        1
+    ].value == pytest.approx(top / 10)
     stage = panel.schedule.stages[1]
     assert stage.lr == {
         "new": pytest.approx(top),
@@ -304,7 +328,10 @@ def test_find_lr_failure_is_shown_in_the_panel_not_raised(model):
     panel = panel_for(model, empty)
     values = panel.values
     panel.controls.w_find_lr[0].click()
-    assert "LR finder failed" in panel.output.w_lr_status.value and "no batches" in panel.output.w_lr_status.value
+    assert (
+        "LR finder failed" in panel.output.w_lr_status.value
+        and "no batches" in panel.output.w_lr_status.value
+    )
     assert panel.values == values and not panel.output.w_button.disabled
     panel.controls.w_end1.value = 9  # an invalid choice: the finder refuses it, in the panel too
     panel.controls.w_find_lr[0].click()
@@ -317,11 +344,16 @@ def test_bn_policy_choice_is_a_value_and_goes_to_fit(model, monkeypatch):
         model, train_loader, val_loader, epochs=(1, 1, 1), fit_kwargs={"device": "cpu"}
     )
     assert panel.controls.w_bn.value == "train" and "schedule-bn-policy" in panel.controls.w_bn._dom_classes
-    assert list(panel.controls.w_bn.options) == ["train", "frozen", "recalibrate"] and panel.controls.w_bn in panel.children
+    assert (
+        list(panel.controls.w_bn.options) == ["train", "frozen", "recalibrate"]
+        and panel.controls.w_bn in panel.children
+    )
     assert panel.values["bn_policy"] == "train"
     panel.controls.w_bn.value = "frozen"
     assert panel.values["bn_policy"] == "frozen"
-    panel.controls.w_template.value = list(widgets.TEMPLATES)[3]  # a template sets the schedule, not the policy
+    panel.controls.w_template.value = list(widgets.TEMPLATES)[
+        3
+    ]  # a template sets the schedule, not the policy
     assert panel.values["bn_policy"] == "frozen"
     panel.values = {"bn_policy": "recalibrate"}
     assert panel.controls.w_bn.value == "recalibrate"

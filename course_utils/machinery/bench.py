@@ -7,22 +7,24 @@ In one run, on the same model, batch size, optimizer (AdamW) and images, it time
   the row **lesson** is the same with the lesson's full augmentation (+ ``ColorJitter`` + ``RandomRotation``);
 * **course** — :func:`course_utils.train.fit` fed by :class:`course_utils.data.TensorLoader` (uint8 images
   held on the device, crop/flip/normalise as batched tensor ops), with fit's own defaults per device
-  (bf16 autocast and channels_last as :func:`course_utils.machinery.precision.choose` decides — on CUDA both; on a CPU
-  with native bf16 the faster of fp32/bf16 × NCHW/channels_last in a short measurement cached per machine,
-  reported in the table; cuDNN autotuning; a fused AdamW step);
+  (bf16 autocast and channels_last as :func:`course_utils.machinery.precision.choose` decides — on CUDA
+  both; on a CPU with native bf16 the faster of fp32/bf16 × NCHW/channels_last in a short measurement
+  cached per machine, reported in the table; cuDNN autotuning; a fused AdamW step);
 
 train steps (forward, backward, optimizer step, *including* data loading and augmentation) and evaluation
 separately. The plain path runs in a process of its own (spawned, :class:`PlainProcess`), as the original
 lesson would: nothing the course sets for its own process (``fit``'s allocator setting on a Linux CPU,
-:func:`course_utils.machinery.devices.keep_freed_memory`; cuDNN autotuning) reaches it, and the two processes never
-compute at the same time — each waits while the other one's pass runs. Each repeat is one pass over the
+:func:`course_utils.machinery.devices.keep_freed_memory`; cuDNN autotuning) reaches it, and the two
+processes never compute at the same time — each waits while the other one's pass runs. Each repeat is one
+pass over the
 images; the paths take turns (plain, lesson, course, plain, …) so a change in machine load hits them
 alike; a first pass of each is a warm-up and not counted. Figures are
 the medians of the repeats. The images are the CIFAR-10 the project has (a local copy, else the shipped
 subset, tiled to ``--images``) or, failing that, synthetic uint8 images of the same shape — never the network.
 
-``--accuracy EPOCHS`` answers the other question — does the fast path learn as well? — by training both paths
-from the same random initialisation on the ``quick`` preset's real split, once per seed (:func:`run_accuracy`).
+``--accuracy EPOCHS`` answers the other question — does the fast path learn as well? — by training both
+paths from the same random initialisation on the ``quick`` preset's real split, once per seed
+(:func:`run_accuracy`).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the
 peak resident set of the path's own process (``VmHWM`` in ``/proc/self/status``, reset before each pass
@@ -195,8 +197,9 @@ def _plain_process(conn, spec: dict) -> None:
 
 
 def _plain_rows(spec: dict, device: torch.device) -> tuple[dict, object]:
-    """``({row: (model, AdamW, training DataLoader)}, evaluation DataLoader)`` of the plain path: a fresh model
-    from the same seed per row, each row's DataLoader with its augmentation (``lesson``: the full one)."""
+    """``({row: (model, AdamW, training DataLoader)}, evaluation DataLoader)`` of the plain path: a fresh
+    model from the same seed per row, each row's DataLoader with its augmentation (``lesson``: the full
+    one)."""
     x, y = torch.from_numpy(spec["images"]), torch.from_numpy(spec["labels"])
     rows = {}
     for name, lesson in spec["rows"].items():
@@ -339,7 +342,7 @@ def run_bench(
         device, model, image_size, images, repeats, batch_size, workers, threads, synthetic, seed, progress
     )
     load_start = os.getloadavg()
-    # plain: a fresh model and optimizer per augmentation, DataLoader with worker processes, in its own process
+    # plain: a fresh model and optimizer per augmentation, DataLoader with workers, in a process of its own
     rows = {"plain": False, **({"lesson": True} if lesson else {})}
     spec = setup.plain_spec(rows)
     # course: fit over a TensorLoader; one fit epoch per repeat (+1 warm-up)

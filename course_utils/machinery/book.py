@@ -6,8 +6,9 @@ learning goals (from each notebook's first Markdown cell), preset and run time (
 ``metadata.papermill.duration``, else the sum of the cells' ``papermill.duration``), and on every page links
 to the previous and next lesson and to the index. Every output is kept as the run left it — figures embedded
 as ``data:`` URIs (a page is one self-contained file that can be mailed or published as is), the red
-:func:`~course_utils.machinery.presets.banner` boxes as HTML — and each code cell sits in a ``<details>`` element
-(open by default; click its summary to fold it). Chinese text is set in a font stack that has the glyphs
+:func:`~course_utils.machinery.presets.banner` boxes as HTML — and each code cell sits in a ``<details>``
+element (open by default; click its summary to fold it). Chinese text is set in a font stack that has the
+glyphs
 (Noto Sans CJK SC, Source Han Sans SC, PingFang SC, Hiragino Sans GB, Microsoft YaHei, then system-ui).
 
 Why nbconvert's ``HTMLExporter`` (its ``lab`` template, with a few template blocks overridden) rather than a
@@ -41,15 +42,17 @@ CSS = f"""
          --jp-code-font-family: {CODE_FONT_STACK}; }}
 body {{ font-family: {FONT_STACK}; }}
 main, .book-index {{ max-width: 1100px; margin: 0 auto; }}
-nav.book-nav {{ display: flex; justify-content: space-between; gap: 1em; max-width: 1100px; margin: 0.5em auto;
-               padding: 0.5em 1em; border-bottom: 1px solid #ddd; font-family: {FONT_STACK}; }}
+nav.book-nav {{ display: flex; justify-content: space-between; gap: 1em; max-width: 1100px;
+               margin: 0.5em auto; padding: 0.5em 1em; border-bottom: 1px solid #ddd;
+               font-family: {FONT_STACK}; }}
 nav.book-nav.bottom {{ border-top: 1px solid #ddd; border-bottom: none; }}
 nav.book-nav a {{ text-decoration: none; }}
 details.book-code > summary {{ cursor: pointer; color: #555; font-size: 85%; padding: 2px 0 2px 1em;
                                font-family: {FONT_STACK}; }}
 .book-index {{ padding: 1em; font-family: {FONT_STACK}; line-height: 1.6; }}
 .book-index table {{ border-collapse: collapse; width: 100%; }}
-.book-index td, .book-index th {{ border-bottom: 1px solid #ddd; padding: 0.6em; vertical-align: top; text-align: left; }}
+.book-index td, .book-index th {{ border-bottom: 1px solid #ddd; padding: 0.6em; vertical-align: top;
+                                   text-align: left; }}
 .book-index .failed {{ color: #c00; font-weight: bold; }}
 """
 
@@ -77,7 +80,8 @@ class BookError(FileNotFoundError):
 
 
 def executed_notebooks(src_dir: str | Path = "output") -> list[Path]:
-    """The executed lesson notebooks in ``src_dir`` (``NN_*.ipynb``, in order); a clear error if there are none."""
+    """The executed lesson notebooks in ``src_dir`` (``NN_*.ipynb``, in order); a clear error if there are
+    none."""
     src = Path(src_dir)
     found = sorted(src.glob(NOTEBOOK_GLOB))
     if not found:
@@ -90,7 +94,8 @@ def executed_notebooks(src_dir: str | Path = "output") -> list[Path]:
 
 
 def run_seconds(nb: dict) -> float | None:
-    """papermill's run time of the notebook, else the sum of its cells' (``None`` if it was not run by papermill)."""
+    """papermill's run time of the notebook, else the sum of its cells' (``None`` if papermill did not run
+    it)."""
     duration = nb.get("metadata", {}).get("papermill", {}).get("duration")
     if isinstance(duration, (int, float)):
         return float(duration)
@@ -141,17 +146,16 @@ def lesson_summary(nb: dict, path: Path) -> dict:
 
 
 def _nav(lessons: list[dict], i: int, where: str) -> str:
-    prev = (
-        f'<a class="book-prev" href="{html.escape(lessons[i - 1]["page"])}">← {html.escape(lessons[i - 1]["title"])}</a>'
-        if i > 0
-        else "<span></span>"
-    )
-    nxt = (
-        f'<a class="book-next" href="{html.escape(lessons[i + 1]["page"])}">{html.escape(lessons[i + 1]["title"])} →</a>'
-        if i + 1 < len(lessons)
-        else "<span></span>"
-    )
-    return f'<nav class="book-nav {where}">{prev}<a class="book-home" href="index.html">目录 (contents)</a>{nxt}</nav>'
+    """The bar above or below lesson ``i``: the previous lesson, the contents, the next lesson."""
+    prev = _link("book-prev", lessons[i - 1], "← {}") if i > 0 else "<span></span>"
+    nxt = _link("book-next", lessons[i + 1], "{} →") if i + 1 < len(lessons) else "<span></span>"
+    home = '<a class="book-home" href="index.html">目录 (contents)</a>'
+    return f'<nav class="book-nav {where}">{prev}{home}{nxt}</nav>'
+
+
+def _link(css_class: str, lesson: dict, text: str) -> str:
+    page, title = html.escape(lesson["page"]), html.escape(lesson["title"])
+    return f'<a class="{css_class}" href="{page}">{text.format(title)}</a>'
 
 
 def _exporter():
@@ -175,24 +179,11 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
     Only the book's own pages (``index.html`` and one ``NN_*.html`` per notebook) are written; nothing
     else in ``out_dir`` is touched.
     """
-    import nbformat
-    from nbconvert.filters import markdown2html
-
     paths = executed_notebooks(src_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    notebooks, lessons = [], []
-    for path in paths:
-        try:
-            nb = nbformat.read(path, as_version=4)
-        except Exception as err:  # noqa: BLE001 - name the file whatever nbformat raised
-            raise ValueError(
-                f"{path} is not a readable notebook ({err}); run `python -m course_utils course` "
-                f"again to re-execute it"
-            ) from err
-        notebooks.append(nb)
-        lessons.append(lesson_summary(nb, path))
-
+    notebooks = [_read_notebook(path) for path in paths]
+    lessons = [lesson_summary(nb, path) for nb, path in zip(notebooks, paths)]
     exporter = _exporter()
     for i, (nb, lesson) in enumerate(zip(notebooks, lessons)):
         resources = {
@@ -203,9 +194,30 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
         }
         body, _ = exporter.from_notebook_node(nb, resources=resources)
         (out / lesson["page"]).write_text(body, encoding="utf-8")
+    index_path = out / "index.html"
+    index_path.write_text(_index_page(lessons), encoding="utf-8")
+    return index_path
 
-    total = sum(s for s in (l["seconds"] for l in lessons) if s is not None)
-    presets = sorted({l["preset"] for l in lessons if l["preset"]})
+
+def _read_notebook(path: Path):
+    """The notebook at ``path``; one nbformat cannot read is refused, naming the file."""
+    import nbformat
+
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as err:  # noqa: BLE001 - name the file whatever nbformat raised
+        raise ValueError(
+            f"{path} is not a readable notebook ({err}); run `python -m course_utils course` "
+            f"again to re-execute it"
+        ) from err
+
+
+def _index_page(lessons: list[dict]) -> str:
+    """``index.html``: the lessons in order with their goals and run times, the presets, the total."""
+    from nbconvert.filters import markdown2html
+
+    total = sum(s for s in (lesson["seconds"] for lesson in lessons) if s is not None)
+    presets = sorted({lesson["preset"] for lesson in lessons if lesson["preset"]})
     rows = []
     for lesson in lessons:
         status = ' <span class="failed">运行失败 (failed)</span>' if lesson["failed"] else ""
@@ -213,7 +225,7 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
             f'<tr><td><a href="{html.escape(lesson["page"])}">{html.escape(lesson["title"])}</a>{status}</td>'
             f"<td>{markdown2html(lesson['goals'])}</td><td>{format_seconds(lesson['seconds'])}</td></tr>"
         )
-    index = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="zh-CN">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
 <title>课程 (course): ResNet18 + CBAM 微调 CIFAR-10</title>
@@ -222,15 +234,13 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
 <h1>ResNet18 + CBAM 在 CIFAR-10 上的微调 (fine-tuning) · 已运行的课程 (executed course)</h1>
 <p>{len(lessons)} 课 (lessons); 预设 (preset): {html.escape(", ".join(presets) or "–")};
 总运行时间 (total run time): {format_seconds(total)}.</p>
-<table><thead><tr><th>课程 (lesson)</th><th>学习目标 (learning objectives)</th><th>运行时间 (run time)</th></tr></thead>
+<table><thead><tr><th>课程 (lesson)</th><th>学习目标 (learning objectives)</th>
+<th>运行时间 (run time)</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
 </div></body></html>
 """
-    index_path = out / "index.html"
-    index_path.write_text(index, encoding="utf-8")
-    return index_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,8 @@ def shown(argv: list[str]) -> str:
 
 
 def venv_python(venv: Path, windows: bool | None = None) -> Path:
-    """The interpreter of the virtual environment ``venv``: ``Scripts\\python.exe`` on Windows, ``bin/python`` elsewhere."""
+    """The interpreter of the virtual environment ``venv``: ``Scripts\\python.exe`` on Windows,
+    ``bin/python`` elsewhere."""
     windows = os.name == "nt" if windows is None else windows
     return venv / "Scripts" / "python.exe" if windows else venv / "bin" / "python"
 
@@ -75,7 +76,8 @@ def in_venv(venv: Path, prefix: str | None = None) -> bool:
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    """``"2.14.1+cu130"`` → ``(2, 14, 1)``; stops at the first part that is not a number (``"2.5.0a0"`` → ``(2, 5)``)."""
+    """``"2.14.1+cu130"`` → ``(2, 14, 1)``; stops at the first part that is not a number
+    (``"2.5.0a0"`` → ``(2, 5)``)."""
     parts = []
     for piece in version.split("+")[0].split("."):
         digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
@@ -92,7 +94,7 @@ def torch_supported(version: str | None) -> bool:
 
 
 def pytorch_index(torch_version: str | None) -> str | None:
-    """PyTorch's wheel index a torch build came from (``2.13.0+cpu`` → ``.../whl/cpu``), ``None`` for PyPI's."""
+    """PyTorch's wheel index a torch build came from (``2.13.0+cpu`` → ``.../whl/cpu``); ``None``: PyPI's."""
     local = (torch_version or "").partition("+")[2]
     return (
         f"https://download.pytorch.org/whl/{local}"
@@ -166,32 +168,7 @@ def plan(
     if in_venv(venv, prefix):
         return _venv_plan(executable, venv, root, reexec=False, reason=f"running in the project's {venv}")
     if here:
-        p = Plan(executable, reexec=False, reason=f"--here: using this Python ({executable}) as it is")
-        if missing and command != "doctor":  # doctor looks, it never installs
-            if torch_version and not torch_supported(torch_version):
-                say(
-                    f"your torch {torch_version} is outside the supported range "
-                    f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it"
-                )
-            keep = [f"torch=={torch_version}"] if torch_supported(torch_version) else []
-            if keep and "torchvision" in missing and pytorch_index(torch_version):
-                # a torch from PyTorch's own index (+cpu, +cu126, ...) needs torchvision from the same index:
-                # PyPI's is built against PyPI's torch and fails to load ("operator torchvision::nms does not exist")
-                keep += ["--extra-index-url", pytorch_index(torch_version)]
-            p.steps.append(
-                (
-                    f"installing what is missing ({', '.join(missing)}); installed packages that fit "
-                    f"pyproject.toml's ranges are kept"
-                    + (
-                        f", torch {torch_version} included (pinned, so "
-                        f"pip picks the torchvision that goes with it)"
-                        if keep
-                        else ""
-                    ),
-                    install_command(executable, False) + keep,
-                )
-            )
-        return p
+        return _here_plan(command, executable, missing, torch_version)
     if not missing and torch_supported(torch_version) and choice != "venv":
         return Plan(
             executable,
@@ -211,6 +188,36 @@ def plan(
         executable=executable,
         create=command != "doctor",
     )
+
+
+def _here_plan(command: str, executable: Path, missing: list[str], torch_version: str | None) -> Plan:
+    """``--here``: this Python as it is, with only what is missing installed (its torch kept and pinned)."""
+    p = Plan(executable, reexec=False, reason=f"--here: using this Python ({executable}) as it is")
+    if not missing or command == "doctor":  # doctor looks, it never installs
+        return p
+    if torch_version and not torch_supported(torch_version):
+        say(
+            f"your torch {torch_version} is outside the supported range "
+            f">={'.'.join(map(str, TORCH_MIN))},<{TORCH_BELOW[0]}: pip will replace it"
+        )
+    keep = [f"torch=={torch_version}"] if torch_supported(torch_version) else []
+    if keep and "torchvision" in missing and pytorch_index(torch_version):
+        # a torch from PyTorch's own index (+cpu, +cu126, ...) needs torchvision from the same index:
+        # PyPI's is built against PyPI's torch and fails to load ("operator torchvision::nms does not exist")
+        keep += ["--extra-index-url", pytorch_index(torch_version)]
+    p.steps.append(
+        (
+            f"installing what is missing ({', '.join(missing)}); installed packages that fit "
+            f"pyproject.toml's ranges are kept"
+            + (
+                f", torch {torch_version} included (pinned, so pip picks the torchvision that goes with it)"
+                if keep
+                else ""
+            ),
+            install_command(executable, False) + keep,
+        )
+    )
+    return p
 
 
 def _venv_plan(
@@ -266,8 +273,8 @@ def run(command: str, argv: list[str], here: bool = False, root: Path = ROOT) ->
         result = subprocess.run(step, cwd=root)
         if result.returncode:
             say(
-                f"that failed (exit status {result.returncode}); nothing else was changed. Fix the message above "
-                f"and run the same command again, or use --here to run with your own Python's packages."
+                f"that failed (exit status {result.returncode}); nothing else was changed. Fix the message "
+                f"above and run the same command again, or use --here to run with your own Python's packages."
             )
             return result.returncode
     if p.stamp is not None and p.steps:

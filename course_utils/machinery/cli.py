@@ -27,8 +27,11 @@ ROOT = bootstrap.ROOT
 NBVAL = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg"]
 
 
-def test_command(python: str | Path, extra: list[str] = ()) -> list[str]:
-    """The README's test command (run with ``COURSE_PRESET=smoke`` from the repository root)."""
+def test_command(python: str | Path, extra: list[str] = (), fast: bool = False) -> list[str]:
+    """The README's test command (run with ``COURSE_PRESET=smoke`` from the repository root); ``fast``: the
+    contributors' quick tier, the tests not marked slow (no notebook runs, no browser)."""
+    if fast:
+        return [str(python), "-m", "pytest", "-m", "not slow", "tests", *extra]
     return [str(python), "-m", "pytest", *NBVAL, "--ignore-glob=tests/*.ipynb", "tests", "notebooks", *extra]
 
 
@@ -104,7 +107,7 @@ def _course(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _test(args: argparse.Namespace, extra: list[str]) -> int:
     return subprocess.run(
-        test_command(sys.executable, extra), cwd=ROOT, env=child_env(COURSE_PRESET="smoke")
+        test_command(sys.executable, extra, fast=args.fast), cwd=ROOT, env=child_env(COURSE_PRESET="smoke")
     ).returncode
 
 
@@ -197,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--out", default=str(ROOT / "output"), help="folder for the executed notebooks")
         if name == "test":
+            sub.add_argument(
+                "--fast",
+                action="store_true",
+                help="only the tests not marked slow (a few minutes; for contributors): pytest -m 'not slow' tests",
+            )
             sub.epilog = "Other options are passed on to pytest (e.g. -x, -k NAME)."
     return parser
 

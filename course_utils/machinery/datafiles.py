@@ -182,7 +182,8 @@ def _shipped_subset(root: Path, notes: list[str]) -> tuple[Split, Split, str]:
 
 def find_cifar10(root: str | os.PathLike, *, download: bool = True, mirror=None) -> Found:
     """CIFAR-10's train and val splits from the first source that can be read (see the module doc).
-    ``mirror`` defaults to ``$COURSE_CIFAR10_MIRROR``; :class:`DataUnavailableError` when nothing can be read."""
+    ``mirror`` defaults to ``$COURSE_CIFAR10_MIRROR``; :class:`DataUnavailableError` when nothing can be
+    read."""
     mirror = mirror if mirror is not None else os.environ.get(CIFAR10_MIRROR_ENV) or None
     root, notes = Path(root), []
     found = (
@@ -246,7 +247,8 @@ def build_subset(
     val_per_class: int = 100,
     seed: int = 0,
 ) -> Path:
-    """Re-pack a seeded, balanced sample of ``train/<class>/*.jpg`` into ``train/`` and ``val/`` (bytes unchanged).
+    """Re-pack a seeded, balanced sample of ``train/<class>/*.jpg`` into ``train/`` and ``val/`` (bytes
+    unchanged).
 
     This is how ``data/cifar10_subset.tar.gz`` was made from the CIFAR-10 training split as JPEG.
     """

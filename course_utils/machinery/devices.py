@@ -6,8 +6,8 @@ reason). Every notebook prints :func:`describe_device` in its setup cell.
 What differs per device (the defaults :func:`~course_utils.train.fit` takes from here and from ``train``):
 
 * precision — bf16 autocast on CUDA; on a CPU with native bf16 whichever of bf16/fp32 measured faster for
-  the model and input size at hand (:mod:`course_utils.machinery.precision`, cached per machine); fp32 on other CPUs;
-  **fp32 on MPS** (bf16 there is not measured faster and older macOS versions lack it);
+  the model and input size at hand (:mod:`course_utils.machinery.precision`, cached per machine); fp32 on
+  other CPUs; **fp32 on MPS** (bf16 there is not measured faster and older macOS versions lack it);
 * ``channels_last`` — CUDA, and ResNets on the CPU unless the measurement says otherwise
   (``train.default_channels_last``); not on MPS, whose convolutions take NCHW natively;
 * fused AdamW — CPU, CUDA, and MPS where torch has the fused kernel (:func:`fused_adamw_supported`);
@@ -16,9 +16,9 @@ What differs per device (the defaults :func:`~course_utils.train.fit` takes from
   (tests/test_devices.py runs them there);
 * memory on a Linux CPU — :func:`keep_freed_memory`: glibc's ``malloc`` hands every training step's large
   tensors back to the kernel and faults fresh zeroed pages in for the next step (measured on a 2-core Xeon,
-  batch 128 at 32×32: ResNet18+CBAM 15,000 page faults per step, ~10 % of the step; VGG16+CBAM 250,000, ~25 %);
-  ``fit`` keeps that memory in the process while it trains and returns it at the end. ``COURSE_MALLOC=default``
-  leaves glibc as it is.
+  batch 128 at 32×32: ResNet18+CBAM 15,000 page faults per step, ~10 % of the step; VGG16+CBAM 250,000,
+  ~25 %); ``fit`` keeps that memory in the process while it trains and returns it at the end.
+  ``COURSE_MALLOC=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ class Probes:
         return Path(path).stat().st_size
 
     def weights_path(self, arch: str) -> Path:
-        """Where torchvision keeps ``arch``'s ImageNet weights (``weights.weights_cache_path`` where it exists)."""
+        """Where torchvision keeps ``arch``'s ImageNet weights (``weights.weights_cache_path`` where it
+        exists)."""
         weights = self.module("course_utils.machinery.weights")
         if weights is not None and hasattr(weights, "weights_cache_path"):
             return Path(weights.weights_cache_path(arch))
@@ -132,7 +133,7 @@ def check_python(p: Probes) -> list[Finding]:
     here = ".".join(map(str, sys.version_info[:3]))
     tested = "3.11"
     where = f"{sys.executable}" + (" (the project's .venv)" if bootstrap.in_venv(ROOT / ".venv") else "")
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 — doctor runs under any Python, to say that this one is too old
         return [
             Finding(
                 FAIL,
@@ -268,43 +269,42 @@ def check_device(p: Probes) -> list[Finding]:
     except ValueError as err:
         return [Finding(FAIL, "device", str(err), "unset COURSE_DEVICE or name a device that is there")]
     findings.append(Finding(OK, "device", f"{device}: {reason}"))
-    build = torch.version.cuda
     if gpu_visible and device.type != "cuda":
-        if not build:
-            findings.append(
-                Finding(
-                    WARN,
-                    "gpu",
-                    f"an NVIDIA GPU is visible (driver {driver or '?'}, up to CUDA "
-                    f"{driver_cuda_version or '?'}) but torch {torch.__version__} is a "
-                    f"CPU-only build, so the course runs on the CPU",
-                    cuda_install_command(cuda_wheel_for(driver_cuda_version)),
-                )
-            )
-        elif (
-            driver_cuda_version
-            and bootstrap.version_tuple(build)[:2] > bootstrap.version_tuple(driver_cuda_version)[:2]
-        ):
-            findings.append(
-                Finding(
-                    WARN,
-                    "gpu",
-                    f"torch is built for CUDA {build}, newer than the driver "
-                    f"{driver or '?'} runs (up to CUDA {driver_cuda_version})",
-                    f"update the NVIDIA driver (nvidia.com/drivers), or install a build for "
-                    f"CUDA {driver_cuda_version}: {cuda_install_command(cuda_wheel_for(driver_cuda_version))}",
-                )
-            )
-        else:
-            findings.append(
-                Finding(
-                    WARN,
-                    "gpu",
-                    f"an NVIDIA GPU is visible and torch is a CUDA {build} build, but torch cannot use it",
-                    "check `nvidia-smi`, CUDA_VISIBLE_DEVICES, and that no other process holds the GPU",
-                )
-            )
+        findings.append(_unused_gpu(torch, driver, driver_cuda_version))
     return findings
+
+
+def _unused_gpu(torch, driver: str | None, driver_cuda_version: str | None) -> Finding:
+    """Why torch does not use the NVIDIA GPU that is visible, and the fix: a CPU-only build, a build for a
+    newer CUDA than the driver runs, or something else holding it."""
+    build = torch.version.cuda
+    if not build:
+        return Finding(
+            WARN,
+            "gpu",
+            f"an NVIDIA GPU is visible (driver {driver or '?'}, up to CUDA "
+            f"{driver_cuda_version or '?'}) but torch {torch.__version__} is a "
+            f"CPU-only build, so the course runs on the CPU",
+            cuda_install_command(cuda_wheel_for(driver_cuda_version)),
+        )
+    if (
+        driver_cuda_version
+        and bootstrap.version_tuple(build)[:2] > bootstrap.version_tuple(driver_cuda_version)[:2]
+    ):
+        return Finding(
+            WARN,
+            "gpu",
+            f"torch is built for CUDA {build}, newer than the driver "
+            f"{driver or '?'} runs (up to CUDA {driver_cuda_version})",
+            f"update the NVIDIA driver (nvidia.com/drivers), or install a build for "
+            f"CUDA {driver_cuda_version}: {cuda_install_command(cuda_wheel_for(driver_cuda_version))}",
+        )
+    return Finding(
+        WARN,
+        "gpu",
+        f"an NVIDIA GPU is visible and torch is a CUDA {build} build, but torch cannot use it",
+        "check `nvidia-smi`, CUDA_VISIBLE_DEVICES, and that no other process holds the GPU",
+    )
 
 
 def check_cpu(p: Probes) -> list[Finding]:
@@ -359,7 +359,8 @@ def check_weights(p: Probes) -> list[Finding]:
             f"COURSE_WEIGHTS_MIRROR={mirror} is set: they are fetched from there on first use"
             if mirror
             else f"online they download on first use; offline copy {path.name} into {path.parent} "
-            f"(from a machine online: python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
+            f"(from a machine online: python -c "
+            f"\"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"), "
             f"or set COURSE_WEIGHTS_MIRROR to a folder or URL that holds {path.name}"
         )
         findings.append(
@@ -402,8 +403,8 @@ def check_cifar(p: Probes) -> list[Finding]:
         f"accuracies far below the full set's)"
     )
     get_it = (
-        f"put cifar-10-python.tar.gz's cifar-10-batches-py/ into {data_dir}, or set COURSE_CIFAR10_MIRROR to a "
-        f"folder or URL that holds cifar-10-python.tar.gz"
+        f"put cifar-10-python.tar.gz's cifar-10-batches-py/ into {data_dir}, or set COURSE_CIFAR10_MIRROR "
+        f"to a folder or URL that holds cifar-10-python.tar.gz"
     )
     if env.get("COURSE_OFFLINE", "").lower() in ("1", "true"):
         return [
@@ -472,8 +473,10 @@ def check_fonts(p: Probes) -> list[Finding]:
     fix = {
         "linux": "sudo apt-get install fonts-noto-cjk (Debian/Ubuntu), then delete matplotlib's font cache "
         '(the fontlist-*.json in python -c "import matplotlib; print(matplotlib.get_cachedir())")',
-        "darwin": "macOS ships PingFang SC: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
-        "win32": "Windows ships Microsoft YaHei: delete matplotlib's font cache (fontlist-*.json in its cache dir)",
+        "darwin": "macOS ships PingFang SC: delete matplotlib's font cache "
+        "(fontlist-*.json in its cache dir)",
+        "win32": "Windows ships Microsoft YaHei: delete matplotlib's font cache "
+        "(fontlist-*.json in its cache dir)",
     }
     return [
         Finding(

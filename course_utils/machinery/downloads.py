@@ -33,7 +33,8 @@ def mirror_url(mirror: str | os.PathLike, filename: str) -> str:
 
 
 def sha256_prefix_in_name(path: str | os.PathLike) -> str | None:
-    """The sha256 prefix torchvision puts in a weights file's name (``f37072fd`` of ``resnet18-f37072fd.pth``)."""
+    """The sha256 prefix torchvision puts in a weights file's name (``f37072fd`` of
+    ``resnet18-f37072fd.pth``)."""
     match = HASH_IN_NAME.search(os.path.basename(os.fspath(path)))
     return match.group(1) if match else None
 

@@ -13,13 +13,15 @@ count, so later runs pay nothing.
 What decides, first match wins, for ``amp`` and ``channels_last`` separately:
 
 1. ``fit``'s explicit ``amp=`` / ``channels_last=`` arguments;
-2. the environment: ``COURSE_AMP`` / ``COURSE_CHANNELS_LAST`` = ``on`` | ``off`` | ``auto`` (auto: as if unset);
+2. the environment: ``COURSE_AMP`` / ``COURSE_CHANNELS_LAST`` = ``on`` | ``off`` | ``auto``
+   (auto: as if unset);
 3. on a CPU with native bf16, inputs of at least 32×32 and a known input size: the cached or new measurement
    (bf16 only if at least 3% faster than fp32: within the noise fp32, the exact one;
    ``COURSE_PRECISION=rule`` switches measuring off — the test suite and CI do that, so their runs are
    deterministic and never pay for a measurement);
 4. the rule: bf16 where the hardware has it natively (CUDA; a CPU with AVX512-BF16 or AMX) — but on the CPU
-   never for inputs smaller than 32×32 (see :func:`rule_amp`); channels_last on CUDA and for ResNets on the CPU.
+   never for inputs smaller than 32×32 (see :func:`rule_amp`); channels_last on CUDA and for ResNets on the
+   CPU.
 
 Where bf16 is emulated (most laptops: AVX2 only) nothing is measured: fp32 there, always.
 """
@@ -194,7 +196,7 @@ def cache_path() -> Path:
 
 
 def model_kind(model: nn.Module) -> str:
-    """Class name and parameter count: tells ResNet18 from ResNet18+CBAM and the CIFAR stem from ImageNet's."""
+    """Class name and parameter count: tells ResNet18 from ResNet18+CBAM, the CIFAR stem from ImageNet's."""
     return f"{type(model).__name__}/{sum(p.numel() for p in model.parameters())}"
 
 
@@ -205,7 +207,8 @@ def cache_key(model: nn.Module, image_size, threads: int | None = None) -> str:
 
 
 def read_cache(path: Path | None = None) -> dict:
-    """``{key: entry}``; a missing, unreadable or corrupted file reads as empty (with a warning if corrupted)."""
+    """``{key: entry}``; a missing, unreadable or corrupted file reads as empty (a corrupted one with a
+    warning)."""
     path = path or cache_path()
     try:
         raw = path.read_bytes()
@@ -385,7 +388,8 @@ def _can_measure(device: torch.device, model, sides) -> bool:
 
 def _measurement(model, sides, batch_size, measure_fn, cache_file) -> tuple[dict, str, str] | None:
     """``(entry, "cached" | "measured", key)`` for ``model`` at ``sides`` from this process's memo, the cache
-    file or a new measurement (then written to the cache); ``None`` where measuring failed (with a warning)."""
+    file or a new measurement (then written to the cache); ``None`` where measuring failed (with a
+    warning)."""
     path = Path(cache_file) if cache_file else cache_path()
     key = cache_key(model, sides)
     entry = _MEMO.get((str(path), key))

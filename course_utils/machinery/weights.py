@@ -64,7 +64,8 @@ def torchvision_weights(arch: str, weights) -> WeightsEnum | None:
     if owner and owner in known | {f"torchvision.models.{e}" for e in known}:
         if owner.rsplit(".", 1)[-1] != enum.__name__:
             raise ValueError(
-                f"weights={weights!r} are {_other_arch(owner)}'s weights, not {arch}'s: pass one of {accepted(arch)}"
+                f"weights={weights!r} are {_other_arch(owner)}'s weights, not {arch}'s: "
+                f"pass one of {accepted(arch)}"
             )
         name = member
     if name.upper() == "DEFAULT":
@@ -84,7 +85,8 @@ def _torch_hub_file(weights_enum: WeightsEnum) -> Path:
 
 def weights_cache_path(arch: str, weights="imagenet") -> Path:
     """Where torchvision keeps ``arch``'s (``"resnet18"`` / ``"vgg16"``) pretrained weights and the course
-    looks for them: ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` (by default under ``~/.cache/torch``)."""
+    looks for them: ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` (by default under
+    ``~/.cache/torch``)."""
     if arch not in WEIGHTS_ENUMS:
         raise ValueError(f"arch must be one of {', '.join(WEIGHTS_ENUMS)}, got {arch!r}")
     enum = torchvision_weights(arch, weights)
@@ -164,8 +166,8 @@ def _cached_or_downloaded(arch: str, enum: WeightsEnum) -> Path:
     except DownloadError as err:
         raise WeightsError(
             f"ImageNet weights for {arch} could not be had: {err}. Offline? Put the file {cached.name} "
-            f"(from {enum.url}) at {cached} — torchvision's cache, set by $TORCH_HOME —, or name a folder or URL "
-            f"holding it in ${WEIGHTS_MIRROR_ENV}, or pass weights=None to start from random weights."
+            f"(from {enum.url}) at {cached} — torchvision's cache, set by $TORCH_HOME —, or name a folder "
+            f"or URL holding it in ${WEIGHTS_MIRROR_ENV}, or pass weights=None to start from random weights."
         ) from err
     return cached
 

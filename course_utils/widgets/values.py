@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from .finetune import (
+from ..finetune import (
     Schedule,
     Stage,
     default_high_groups,
@@ -19,8 +19,8 @@ from .finetune import (
     one_stage_schedule,
     three_stage_schedule,
 )
-from .machinery.checks import positive_number, whole_number
-from .models import NEW_GROUPS
+from ..machinery.checks import positive_number, whole_number
+from ..models import NEW_GROUPS
 
 MAX_STAGES = 3
 RATIO = 10.0  # new modules vs pretrained ones, when a template or the panel needs a second rate

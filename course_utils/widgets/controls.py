@@ -1,6 +1,6 @@
 """The schedule panel's controls: the template menu, the number of stages, the stage boundaries, per stage
 the groups it unfreezes and its learning rate(s), and the BatchNorm policy; read and set as one dict of
-values (:data:`~course_utils.widgets_values.DEFAULT_VALUES` plus ``bn_policy``)."""
+values (:data:`~course_utils.widgets.values.DEFAULT_VALUES` plus ``bn_policy``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import ipywidgets as W
 
-from .batchnorm import BN_POLICIES, check_bn_policy
-from .widgets_values import CUSTOM, MAX_STAGES, TEMPLATES, expand_groups, values_from_schedule
+from ..batchnorm import BN_POLICIES, check_bn_policy
+from .values import CUSTOM, MAX_STAGES, TEMPLATES, expand_groups, values_from_schedule
 
 LR_SLIDER = dict(base=10, min=-7, max=-1, step=0.1, readout_format=".1e")  # 1e-7 .. 1e-1, log scale
 
@@ -32,7 +32,8 @@ def _lr_slider(description: str, css: str) -> W.FloatLogSlider:
 
 
 def _bn_buttons(policy: str) -> W.ToggleButtons:
-    """The run's BatchNorm policy (``fit``'s ``bn_policy``): not part of a template, kept when one is chosen."""
+    """The run's BatchNorm policy (``fit``'s ``bn_policy``): no part of a template, kept when one is
+    chosen."""
     buttons = W.ToggleButtons(
         options=list(BN_POLICIES),
         value=check_bn_policy(policy),

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import ipywidgets as W
 
-from .finetune import Schedule
-from .widgets_preview import css_html, html_table, png
+from ..finetune import Schedule
+from .preview import css_html, html_table, png
 
 
 def _error_html(failed: str, err: Exception) -> str:
@@ -22,11 +22,8 @@ def _error_html(failed: str, err: Exception) -> str:
 def finder_message(stage: int, result, clipped: bool, low: float, high: float) -> str:
     """What the panel says after the LR finder for stage ``stage``: its suggestion and the rates set."""
     rates = ", ".join(f"{g} {x:.1e}" for g, x in result.suggested_lrs().items())
-    note = (
-        f" <span style='color:#c60'>(outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end)</span>"
-        if clipped
-        else ""
-    )
+    outside = f"outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end"
+    note = f" <span style='color:#c60'>({outside})</span>" if clipped else ""
     stopped = "stopped at divergence" if result.diverged else "no divergence up to the end of the sweep"
     return (
         f"<b>阶段 {stage} (stage {stage})</b> LR finder: suggestion {result.suggestion():.1e} "
@@ -94,7 +91,7 @@ class RunOutput:
         from IPython import get_ipython
         from IPython.display import display
 
-        from .plots import plot_history
+        from ..plots import plot_history
 
         handle = None
 

@@ -3,15 +3,15 @@ preview, and a "Train" button that adds each run to a comparison table.
 
 :func:`schedule_designer` builds the panel, a :class:`ScheduleDesigner` made of three parts:
 
-* ``panel.controls`` (:mod:`~course_utils.widgets_controls`): a template menu (:data:`TEMPLATES`), the stage
+* ``panel.controls`` (:mod:`~course_utils.widgets.controls`): a template menu (:data:`TEMPLATES`), the stage
   boundaries, per stage the groups it unfreezes and its learning rate(s), the BatchNorm policy;
-* ``panel.preview`` (:mod:`~course_utils.widgets_preview`): the plot and the table of the current schedule,
+* ``panel.preview`` (:mod:`~course_utils.widgets.preview`): the plot and the table of the current schedule,
   or why the choice is invalid;
-* ``panel.output`` (:mod:`~course_utils.widgets_runs`): the Train button, the runs so far, and each stage's
+* ``panel.output`` (:mod:`~course_utils.widgets.runs`): the Train button, the runs so far, and each stage's
   "find LR" result (:func:`~course_utils.lr_finder.lr_find` for that stage on a fresh copy of the model,
   its curve shown and the stage's slider(s) set to the suggestion).
 
-The logic is in plain functions (:mod:`~course_utils.widgets_values`), tested without a browser:
+The logic is in plain functions (:mod:`~course_utils.widgets.values`), tested without a browser:
 :func:`schedule_from_values` turns the controls' values (a dict, see :data:`DEFAULT_VALUES`) into a
 ``Schedule`` or raises ``ValueError`` with a message a student can act on; :func:`values_from_schedule` is
 the inverse. An invalid choice shows that message in the panel and keeps the last valid schedule
@@ -29,13 +29,13 @@ from collections.abc import Mapping, Sequence
 import ipywidgets as W
 from torch import nn
 
-from .finetune import Schedule, high_groups_of
-from .machinery.checks import optional_whole_number, stage_lengths
-from .models import layer_groups, new_groups_of
-from .widgets_controls import Controls
-from .widgets_preview import Preview
-from .widgets_runs import RunOutput, finder_message
-from .widgets_values import (
+from ..finetune import Schedule, high_groups_of
+from ..machinery.checks import optional_whole_number, stage_lengths
+from ..models import layer_groups, new_groups_of
+from .controls import Controls
+from .preview import Preview
+from .runs import RunOutput, finder_message
+from .values import (
     CUSTOM,
     DEFAULT_VALUES,
     MAX_STAGES,
@@ -163,7 +163,7 @@ class ScheduleDesigner(W.VBox):
     ):
         """Train the panel's schedule (on ``model`` or a fresh one) with progress bars and live curves;
         the run becomes a row of the comparison table. Returns the :class:`~course_utils.train.History`."""
-        from .train import fit
+        from ..train import fit
 
         schedule = self._valid_schedule("train_loader (and val_loader)")
         model = self.fresh_model() if model is None else model
@@ -182,7 +182,7 @@ class ScheduleDesigner(W.VBox):
         Later stages are swept from the panel's model too, not after the earlier stages' training (for that,
         call ``lr_finder.lr_find`` on a model trained so far, as notebook 03 does).
         Returns the :class:`~course_utils.lr_finder.LRFinderResult`."""
-        from .lr_finder import lr_find
+        from ..lr_finder import lr_find
 
         schedule = self._valid_schedule("train_loader")
         if not 1 <= stage <= len(schedule.stages):

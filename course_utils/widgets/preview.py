@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 
 import ipywidgets as W
 
-from .finetune import Schedule
+from ..finetune import Schedule
 
 
 def html_table(rows: list[dict], css: str, caption: str = "") -> str:
@@ -73,7 +73,7 @@ class Preview:
         high_groups: Collection[str] | None,
     ) -> None:
         """Redraw the plot and the table for ``schedule`` on a model with these groups."""
-        from .plots import plot_lr
+        from ..plots import plot_lr
 
         # The plot first: when the table's text changes (what a browser test waits for), both are new.
         self.w_plot.value = png(plot_lr(schedule.plan(groups, new_groups, high_groups)))
