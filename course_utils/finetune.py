@@ -79,6 +79,19 @@ def expand_group(
     )
 
 
+def expand_groups(
+    names: str | Sequence[str],
+    groups: Sequence[str],
+    new_groups: Collection[str],
+    where: str,
+    high_groups: Collection[str] | None = None,
+) -> list[str]:
+    """The groups (in ``groups``' order) that a stage's names and aliases mean."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    chosen = {g for name in names for g in expand_group(name, groups, new_groups, where, high_groups)}
+    return [g for g in groups if g in chosen]
+
+
 @dataclass(frozen=True)
 class Stage:
     """``epochs`` epochs training the groups in ``trainable`` (names, aliases or ``"all"``) at ``lr``.
@@ -180,10 +193,7 @@ class Schedule:
         """``(trainable groups, {group: lr})`` of one stage, for a model with ``groups``
         (``high_groups``: what ``"high"`` means; default :func:`default_high_groups`)."""
         where = f"stage {stage.name!r}"
-        trainable = [
-            g for name in stage.trainable for g in expand_group(name, groups, new_groups, where, high_groups)
-        ]
-        trainable = [g for g in groups if g in trainable]
+        trainable = expand_groups(stage.trainable, groups, new_groups, where, high_groups)
         if not trainable:
             raise ValueError(
                 f"{where} trains no group of this model (trainable={list(stage.trainable)}, "

@@ -44,7 +44,8 @@ def cjk_font() -> str | None:
 
 def use_cjk_fallback() -> str | None:
     """Let figures draw Chinese: the installed CJK font becomes the fallback after the default sans-serif
-    font (Latin text looks as before; matplotlib 3.6+ falls back per glyph). Returns the family or ``None``."""
+    font (Latin text looks as before; matplotlib 3.6+ falls back per glyph). Returns the family or
+    ``None``."""
     family = cjk_font()
     if family and family not in plt.rcParams["font.sans-serif"]:
         plt.rcParams["font.sans-serif"] = [
@@ -96,7 +97,8 @@ def shade_stages(ax, source, label: bool = True) -> None:
 
 
 def mark_recalibrations(ax, history, label: bool = True) -> None:
-    """A dashed vertical line where ``fit`` re-estimated BatchNorm statistics (before that epoch's first step)."""
+    """A dashed vertical line where ``fit`` re-estimated BatchNorm statistics (before that epoch's first
+    step)."""
     for i, rec in enumerate(getattr(history, "meta", {}).get("bn_recalibrations", [])):
         ax.axvline(
             rec["epoch"] - 0.5,
@@ -161,7 +163,8 @@ def plot_lr(source, ax=None, log: bool = True, title: str = "learning rate per g
 def plot_weight_drift(
     drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"
 ):
-    """Bars of :func:`~course_utils.finetune.weight_drift` per group; pass ``{run_name: drift}`` to compare runs side by side."""
+    """Bars of :func:`~course_utils.finetune.weight_drift` per group; pass ``{run_name: drift}`` to compare
+    runs side by side."""
     if drifts and not isinstance(next(iter(drifts.values())), Mapping):
         drifts = {"": drifts}
     fig, (ax,) = _figure(1, size=(7, 3.4))

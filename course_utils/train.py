@@ -87,12 +87,12 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         guard.training_begins()
         for plan in todo:
             batches = first_train if plan is todo[0] else _epoch_batches(train_loader, plan.epoch)
-            _recalibrate_if_due(model, plans, plan, bn_policy, train_loader, bn_batches, device, channels_last,
-                                history)  # BatchNorm policy "recalibrate"  # fmt: skip
+            _recalibrate_if_due(model, plans, plan, bn_policy, train_loader, bn_batches, device,
+                                channels_last, history)  # BatchNorm policy "recalibrate"  # fmt: skip
             model.train()
             apply_epoch(model, opt, plan, bn_policy)  # freeze the rest: no grad, lr 0, BatchNorm in eval mode
-            batches = tqdm(batches, total=loader_length(train_loader), desc=f"epoch {plan.epoch} [{plan.stage}]",
-                           leave=False, disable=not progress)  # fmt: skip
+            batches = tqdm(batches, total=loader_length(train_loader), leave=False, disable=not progress,
+                           desc=f"epoch {plan.epoch} [{plan.stage}]")  # fmt: skip
             stats = train_epoch(step_model, opt, batches, device=device, amp=amp, channels_last=channels_last,
                                 label_smoothing=label_smoothing, amp_model=model)  # fmt: skip
             if stats["bad_loss"] is not None:
@@ -305,7 +305,8 @@ def _input_size(loader) -> tuple:
 
 
 def _epoch_batches(loader, epoch: int):
-    """The loader's batches for ``epoch`` (``set_epoch`` first, if it has one: shuffling depends on the epoch)."""
+    """The loader's batches for ``epoch`` (``set_epoch`` first, if it has one: shuffling depends on the
+    epoch)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     return iter(loader)

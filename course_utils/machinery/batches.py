@@ -58,7 +58,8 @@ def check_batch(
 def _not_tensors(model, images, labels, num_classes):
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
         return (
-            f"a batch must be (images, labels) tensors, got ({type(images).__name__}, {type(labels).__name__})",
+            f"a batch must be (images, labels) tensors, "
+            f"got ({type(images).__name__}, {type(labels).__name__})",
             "give fit/evaluate a loader of (images, labels) tensor pairs, e.g. data.make_loaders(...) or a "
             "torch.utils.data.DataLoader over a dataset with transforms.ToTensor()",
             "每个 batch 应该是 (images, labels) 两个张量 (tensor)",
@@ -91,7 +92,8 @@ def _image_layout(model, images, labels, num_classes):
             f"the model's first convolution expects {channels}",
             "images.permute(0, 3, 1, 2) turns (N, H, W, C) into (N, C, H, W)"
             if images.shape[-1] == channels
-            else f"give the model {channels}-channel images (grey images: images.expand(-1, {channels}, -1, -1))",
+            else f"give the model {channels}-channel images "
+            f"(grey images: images.expand(-1, {channels}, -1, -1))",
             f"通道数 (channels) 应为 {channels}，形状为 (N, C, H, W)",
         )
     return None
@@ -156,7 +158,8 @@ def _image_values(model, images, labels, num_classes):
 
 
 def checked_batches(model: nn.Module, loader, where: str):
-    """An iterator over ``loader`` (iterating it once) whose first batch was checked by :func:`check_batch`."""
+    """An iterator over ``loader`` (iterating it once) whose first batch was checked by
+    :func:`check_batch`."""
     try:
         batches = iter(loader)
     except TypeError:

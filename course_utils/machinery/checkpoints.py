@@ -33,7 +33,8 @@ def atomic_write(path: Path, write) -> None:
 
 def check_writable(path: str | os.PathLike) -> None:
     """Make sure ``path`` (a checkpoint, a saved run) can be written — its folder created, a file written
-    there — before any work is done; raise :class:`CheckpointError` naming the folder and the fix otherwise."""
+    there — before any work is done; raise :class:`CheckpointError` naming the folder and the fix
+    otherwise."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a file name: give one, e.g. {path / 'run.ckpt'}")
@@ -51,7 +52,8 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, history, schedule) -> None:
-    """Model, optimizer, history, schedule and RNG states, written atomically (readable with weights_only=True)."""
+    """Model, optimizer, history, schedule and RNG states, written atomically (readable with
+    ``weights_only=True``)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

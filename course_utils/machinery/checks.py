@@ -39,7 +39,10 @@ def optional_whole_number(
 def stage_lengths(epochs, name: str = "epochs", count: int = 3) -> tuple[int, ...]:
     """``count`` stage lengths (positive whole numbers), e.g. ``(5, 15, 30)``."""
     example = "(5, 15, 30)" if count == 3 else "(" + ", ".join(["5"] * count) + ")"
-    message = f"{name} must be {count} stage lengths (positive whole numbers of epochs), e.g. {name}={example}; got {epochs!r}"
+    message = (
+        f"{name} must be {count} stage lengths (positive whole numbers of epochs), e.g. {name}={example}; "
+        f"got {epochs!r}"
+    )
     if isinstance(epochs, (str, bytes)) or not isinstance(epochs, Sequence) or len(epochs) != count:
         raise ValueError(message)
     try:

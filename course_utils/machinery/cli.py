@@ -3,13 +3,13 @@
 * ``course`` — run every notebook end to end through papermill into ``output/`` (the preset and time of each);
 * ``test``   — the test suite, exactly as CI runs it (``COURSE_PRESET=smoke pytest --nbval ...``);
 * ``lab``    — JupyterLab on ``notebooks/``;
-* ``bench``  — the plain torchvision way against the course's fast path (see :mod:`course_utils.machinery.bench`);
+* ``bench``  — the plain torchvision way against the course's fast path (see :mod:`.bench`);
 * ``doctor`` — one screen of findings about this machine, each with its fix;
 * ``book``   — the course as one readable book (see :mod:`course_utils.machinery.book`).
 
 With a bare Python (no torch yet) the first command creates ``.venv`` and installs the tested versions into
-it, then runs there (see :mod:`course_utils.machinery.bootstrap`); ``--here`` runs in the Python you started instead,
-keeping its torch. Until the environment exists this module imports the standard library only.
+it, then runs there (see :mod:`.bootstrap`); ``--here`` runs in the Python you started instead, keeping
+its torch. Until the environment exists this module imports the standard library only.
 """
 
 from __future__ import annotations
@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m course_utils",
         description="The course's commands; run from the repository root (Windows: py -m course_utils ...).",
-        epilog="The first run creates .venv with the tested versions (constraints.txt) unless this Python already "
-        "has a suitable torch and the course's packages. COURSE_ENV=here|venv chooses without the flag.",
+        epilog="The first run creates .venv with the tested versions (constraints.txt) unless this Python "
+        "already has a suitable torch and the course's packages. "
+        "COURSE_ENV=here|venv chooses without the flag.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--fast",
                 action="store_true",
-                help="only the tests not marked slow (a few minutes; for contributors): pytest -m 'not slow' tests",
+                help="only the tests not marked slow (a few minutes; for contributors): "
+                "pytest -m 'not slow' tests",
             )
             sub.epilog = "Other options are passed on to pytest (e.g. -x, -k NAME)."
     return parser

@@ -24,7 +24,8 @@ class TrainingDiverged(FloatingPointError):
 def check_fit_arguments(
     model, schedule, *, label_smoothing=0.0, on_epoch_end=None, bn_policy="train", bn_batches=16
 ):
-    """``fit``'s arguments that torch would only reject mid-epoch (or never), refused before anything changes."""
+    """``fit``'s arguments that torch would only reject mid-epoch (or never), refused before anything
+    changes."""
     from ..batchnorm import check_bn_policy
     from ..finetune import Schedule
 
@@ -114,7 +115,8 @@ class NonFiniteLossWatch:
             optimizer.found_inf = self.found_inf
 
     def check(self, loss: torch.Tensor, batch: int) -> tuple[int, float] | None:
-        """Before the step of ``batch`` (0, 1, 2, ... in order): ``(batch, loss)`` if known to be bad, else None."""
+        """Before the step of ``batch`` (0, 1, 2, ... in order): ``(batch, loss)`` if known to be bad, else
+        None."""
         if not self.defer:
             self.found = None if torch.isfinite(loss) else (batch, loss.item())
             return self.found

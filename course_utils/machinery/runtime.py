@@ -14,23 +14,24 @@ from . import devices, precision
 
 
 def default_device() -> torch.device:
-    """CUDA, else Apple's MPS, else the CPU; ``$COURSE_DEVICE`` overrides (see :mod:`course_utils.machinery.devices`)."""
+    """CUDA, else Apple's MPS, else the CPU; ``$COURSE_DEVICE`` overrides (see :mod:`.devices`)."""
     return devices.default_device()
 
 
 def default_amp(
     device: torch.device, image_size=None, model: nn.Module | None = None, channels_last: bool | None = None
 ) -> bool:
-    """``fit``/``evaluate``'s default for ``amp``: :func:`course_utils.machinery.precision.choose` — ``COURSE_AMP``,
+    """``fit``/``evaluate``'s default for ``amp``: :func:`.precision.choose` — ``COURSE_AMP``,
     else on a CPU with native bf16 the faster of bf16/fp32 as measured for ``model`` at ``image_size``
     (cached per machine), else bf16 wherever the hardware has it natively; on the CPU never below 32×32
-    (``image_size``: an int or ``(H, W)``; oneDNN's bf16 weight-gradient NaNs, see :func:`~course_utils.machinery.precision.rule_amp`).
+    (``image_size``: an int or ``(H, W)``; oneDNN's bf16 weight-gradient NaNs, see
+    :func:`.precision.rule_amp`).
     """
     return precision.choose(device, model, image_size, amp=None, channels_last=channels_last).amp
 
 
 def default_channels_last(model: nn.Module, device: torch.device, image_size=None, batch_size=None) -> bool:
-    """``fit``'s default for ``channels_last``: :func:`course_utils.machinery.precision.choose` — ``COURSE_CHANNELS_LAST``,
+    """``fit``'s default for ``channels_last``: :func:`.precision.choose` — ``COURSE_CHANNELS_LAST``,
     else measured on a CPU with native bf16 (where ``image_size`` is known), else on CUDA always and on the
     CPU for ResNets (measured faster), not for VGG (measured slower)."""
     return precision.choose(device, model, image_size, batch_size).channels_last
@@ -49,8 +50,8 @@ def prepare_model(
 ) -> bool:
     """Per-run setup of ``fit`` (and of ``lr_find``): the model on ``device``, channels-last when asked
     (default: :func:`default_channels_last` for this input size and batch size), and on a Linux CPU the
-    memory of each step kept for the next (:func:`~course_utils.machinery.devices.keep_freed_memory`); returns the
-    channels-last choice."""
+    memory of each step kept for the next (:func:`.devices.keep_freed_memory`); returns the channels-last
+    choice."""
     if channels_last is None:
         channels_last = default_channels_last(model, device, image_size, batch_size)
     devices.keep_freed_memory(device)  # on a Linux CPU: no page faults per step (see devices.py)

@@ -9,7 +9,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 import ipywidgets as W
 
 from ..batchnorm import BN_POLICIES, check_bn_policy
-from .values import CUSTOM, MAX_STAGES, TEMPLATES, expand_groups, values_from_schedule
+from ..finetune import expand_groups
+from .values import CUSTOM, MAX_STAGES, TEMPLATES, values_from_schedule
 
 LR_SLIDER = dict(base=10, min=-7, max=-1, step=0.1, readout_format=".1e")  # 1e-7 .. 1e-1, log scale
 

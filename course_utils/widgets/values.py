@@ -14,7 +14,7 @@ from ..finetune import (
     Schedule,
     Stage,
     default_high_groups,
-    expand_group,
+    expand_groups,
     fastai_schedule,
     one_stage_schedule,
     three_stage_schedule,
@@ -54,19 +54,6 @@ CUSTOM = "自定义 custom"  # what the template menu shows once a control has b
 
 
 # ------------------------------------------------------------------------------ group names
-def expand_groups(
-    names: str | Sequence[str],
-    groups: Sequence[str],
-    new_groups: Collection[str],
-    where: str,
-    high_groups: Collection[str] | None = None,
-) -> list[str]:
-    """The groups (in ``groups``' order) that a stage's names and aliases mean."""
-    names = (names,) if isinstance(names, str) else tuple(names)
-    chosen = {g for name in names for g in expand_group(name, groups, new_groups, where, high_groups)}
-    return [g for g in groups if g in chosen]
-
-
 def _high(groups: Sequence[str], new: Collection[str], high: Collection[str] | None) -> list[str]:
     return [g for g in groups if g in (default_high_groups(groups, new) if high is None else high)]
 
