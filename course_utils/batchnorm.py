@@ -45,7 +45,8 @@ def recalibration_groups(
 
     Only at the first epoch of a stage whose policy (``plan.bn``, else ``bn_policy``) is ``"recalibrate"``:
     before the first stage every pretrained group, before a later one the groups it unfreezes (trained
-    now, frozen in the stage before). Only groups that have BatchNorm layers; ``[]`` when there is nothing to do.
+    now, frozen in the stage before). Only groups that have BatchNorm layers; ``[]`` when there is nothing to
+    do.
     """
     plan = plans[epoch - 1]
     if check_bn_policy(plan.bn or bn_policy) != "recalibrate" or (
@@ -64,7 +65,8 @@ def recalibration_groups(
 
 
 def recalibration_batches(loader, num_batches: int, epoch: int | None = None):
-    """The first ``num_batches`` batches the loader gives for ``epoch``, leaving the loader and RNGs as they were.
+    """The first ``num_batches`` batches the loader gives for ``epoch``, leaving the loader and RNGs as they
+    were.
 
     With ``set_epoch`` (the course's loaders, a ``DistributedSampler``…) the batches are epoch ``epoch``'s
     own (so they are fixed by the loader's seed and the epoch, and resume gives the same ones); the
@@ -106,7 +108,8 @@ def recalibrate_bn(
     device=None,
     channels_last: bool = False,
 ) -> dict:
-    """Re-estimate the running statistics of the BatchNorm layers of ``groups`` on ``num_batches`` training batches.
+    """Re-estimate the running statistics of the BatchNorm layers of ``groups`` on ``num_batches`` training
+    batches.
 
     Forward passes only (``torch.no_grad``), the ``groups``' BatchNorm layers in train mode and everything
     else in eval mode (no dropout, other BatchNorms on their stored statistics): no parameter changes and

@@ -35,7 +35,8 @@ RESULTS_ROOT = Path(os.environ.get("COURSE_RESULTS", Path(__file__).resolve().pa
 
 
 def results_dir(preset: str, root: str | os.PathLike | None = None) -> Path:
-    """Where a preset's runs are kept: ``results/<preset>`` at the repository root (or ``$COURSE_RESULTS``)."""
+    """Where a preset's runs are kept: ``results/<preset>`` at the repository root (or
+    ``$COURSE_RESULTS``)."""
     return Path(root or RESULTS_ROOT) / preset
 
 
@@ -248,7 +249,8 @@ def bn_policy_study(
 
 
 def _study_model(stem: str, backbone=None):
-    """ResNet18 with a CBAM after each stage: random, or with ``backbone``'s weights moved in (all but CBAM's)."""
+    """ResNet18 with a CBAM after each stage: random, or with ``backbone``'s weights moved in (all but
+    CBAM's)."""
     model = resnet18_cbam(weights=None, placement="stage", stem=stem)
     if backbone is not None:
         left = transplant(backbone, model)
@@ -271,8 +273,8 @@ def policy_row(history: History) -> dict:
 
 
 def summarize_study(rows: Sequence[Mapping]) -> list[dict]:
-    """Per (start, policy): each numeric column of :func:`bn_policy_study`'s rows as ``"mean ± std"`` over seeds
-    (sample standard deviation; ``± 0`` for one seed), and ``n`` seeds."""
+    """Per (start, policy): each numeric column of :func:`bn_policy_study`'s rows as ``"mean ± std"`` over
+    seeds (sample standard deviation; ``± 0`` for one seed), and ``n`` seeds."""
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
         groups.setdefault((row["start"], row["policy"]), []).append(row)

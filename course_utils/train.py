@@ -100,10 +100,10 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
                 raise diverged(f"loss became {loss}", plan, checkpoint, history, batch=batch)
             check_finite_weights(model, plan, checkpoint, history)
             amp = stats["amp"]
-            val_loss, val_acc = (
-                evaluate(model, first_val or val_loader, device, amp) if val_loader else (None,) * 2
-            )
-            first_val = None
+            val_loss = val_acc = None
+            if val_loader is not None:
+                val_loss, val_acc = evaluate(model, first_val or val_loader, device, amp)
+                first_val = None
             history.append({"epoch": plan.epoch, "stage": plan.stage, **stats["row"], "val_loss": val_loss,
                             "val_acc": val_acc, "lr": dict(plan.lr),
                             "seconds": time.perf_counter() - stats["start"]})  # fmt: skip

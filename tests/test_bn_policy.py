@@ -1,4 +1,5 @@
-"""BatchNorm policies at stage boundaries (course_utils.finetune, train.fit): "train", "frozen", "recalibrate".
+"""BatchNorm policies at stage boundaries (course_utils.finetune, train.fit): "train", "frozen",
+"recalibrate".
 
 The runs are the reference run of _helpers.py (3 stages over 4 epochs, weights with non-trivial BatchNorm
 statistics) under each policy. What is checked: which statistics move and which stay bit-identical, that a
@@ -89,7 +90,7 @@ def runs(resnet18_state_file):
     return out
 
 
-# ------------------------------------------------------------------------------ the schedule carries the policy
+# ---------------------------------------------------------------------------- the schedule carries the policy
 def test_stage_bn_round_trips_and_is_part_of_equality():
     plain = reference_schedule()
     per_stage = Schedule(
@@ -214,8 +215,8 @@ def test_frozen_per_stage_only_in_the_last_stage(resnet18_state_file):
 
 # ------------------------------------------------------------------------------ "recalibrate"
 def hand_statistics(model, groups, batches):
-    """Per BatchNorm of ``groups``: the mean over the batches of each batch's mean and unbiased variance of the
-    layer's input, with those layers normalising by batch statistics and everything else in eval mode."""
+    """Per BatchNorm of ``groups``: the mean over the batches of each batch's mean and unbiased variance of
+    the layer's input, with those layers normalising by batch statistics and everything else in eval mode."""
     probe = copy.deepcopy(model).eval()
     names = [
         n
@@ -293,7 +294,8 @@ def test_recalibration_leaves_a_shuffling_dataloader_order_unchanged(resnet18_st
 
 def test_recalibrate_in_fit_before_the_first_step(resnet18_state_file, monkeypatch):
     """Right after each recalibration fit does (before the stage's first step): parameters and every other
-    buffer as at the stage's start, statistics those of the stage's first bn_batches batches computed by hand."""
+    buffer as at the stage's start, statistics those of the stage's first bn_batches batches computed by
+    hand."""
     model = reference_model(resnet18_state_file)
     train_loader, val_loader = reference_loaders()
     starts, after_recalibration = {1: state_of(model)}, {}

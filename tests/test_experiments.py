@@ -1,5 +1,5 @@
-"""course_utils.experiments: runs saved once and reloaded, comparison tables (and their text: plots.format_table);
-machinery.presets.resolve: a notebook's sizes."""
+"""course_utils.experiments: runs saved once and reloaded, comparison tables (and their text:
+plots.format_table); machinery.presets.resolve: a notebook's sizes."""
 
 from __future__ import annotations
 
@@ -167,8 +167,8 @@ def test_resolve_refuses_a_table_that_is_not_per_preset(table, match):
 
 
 def test_compare_bn_policies_calls_the_hook_for_every_policy(monkeypatch, loaders):
-    """The caller's ``on_epoch_end`` runs after every epoch of every policy (not only the first policy's), next
-    to the BatchNorm statistics recorded per epoch."""
+    """The caller's ``on_epoch_end`` runs after every epoch of every policy (not only the first policy's),
+    next to the BatchNorm statistics recorded per epoch."""
 
     def fit(model, schedule, *args, on_epoch_end=None, **kwargs):
         h = History()

@@ -2,7 +2,8 @@
 
 The slow test runs the script as CI does (``--tiny``): the local copy built from the shipped subset in
 torchvision's layout, the bench, the three-stage schedule with the CIFAR stem, and every notebook at its
-``full`` preset through papermill — then checks the figures JSON, the executed notebooks and the PASS/FAIL lines.
+``full`` preset through papermill — then checks the figures JSON, the executed notebooks and the PASS/FAIL
+lines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/: exactly one ``parameters`` cell, clean committed outputs, and a papermill run.
+"""Every notebook in notebooks/: exactly one ``parameters`` cell, clean committed outputs, and a papermill
+run.
 
 The papermill run (marked ``slow``) executes each notebook with ``PRESET="smoke"`` plus smaller sizes for
 whichever of ``TRAIN_SIZE`` / ``VAL_SIZE`` / ``BATCH_SIZE`` its parameters cell defines, then checks that

@@ -1,5 +1,6 @@
 """pyproject.toml declares ranges; constraints.txt pins the tested stack; environment.yml, .ci/run, the
-bootstrap and the README all go through constraints.txt; installing into an env with a suitable torch keeps it."""
+bootstrap and the README all go through constraints.txt; installing into an env with a suitable torch keeps
+it."""
 
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ def test_slow_marker_is_registered(pyproject):
 def test_installing_the_course_keeps_the_installed_torch(tmp_path):
     """pip's own resolver, offline, against this environment: installing course_utils must not replace torch.
 
-    ``--dry-run --report`` lists what pip would install; with ``--no-index`` it can only use what is installed,
-    so a range that refused this torch fails the resolution instead of downloading another one."""
+    ``--dry-run --report`` lists what pip would install; with ``--no-index`` it can only use what is
+    installed, so a range that refused this torch fails the resolution instead of downloading another one."""
     import torch
 
     report = tmp_path / "report.json"

@@ -525,7 +525,8 @@ def test_amp_switches_the_convolutions_to_bf16_in_training_and_evaluation(amp):
 
 @pytest.mark.parametrize("size, expected", [(32, torch.bfloat16), (16, torch.float32)])
 def test_default_precision_on_a_bf16_cpu_is_fp32_below_32_pixels(monkeypatch, size, expected):
-    """oneDNN's bf16 weight gradient of a stride-2 3×3 conv on a 1×1 map (layer4 at 16×16) is sometimes NaN."""
+    """oneDNN's bf16 weight gradient of a stride-2 3×3 conv on a 1×1 map (layer4 at 16×16) is sometimes
+    NaN."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert train.default_amp("cpu", size) is (expected == torch.bfloat16)
     assert train.default_amp("cpu", (size, 64)) is (expected == torch.bfloat16)

@@ -60,7 +60,8 @@ def _notebook_values(table: Mapping[str, Mapping] | None, name: str) -> dict:
         return {}
     if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
         raise ValueError(
-            f"table must be {{preset: {{key: value}}}}, e.g. {{'smoke': {{'train_size': 256}}}}; got {table!r}"
+            "table must be {preset: {key: value}}, e.g. {'smoke': {'train_size': 256}}; "
+            f"got {table!r}"
         )
     unknown = sorted(set(table) - set(PRESETS))
     if unknown:
@@ -69,7 +70,8 @@ def _notebook_values(table: Mapping[str, Mapping] | None, name: str) -> dict:
 
 
 def check_sizes(values: dict) -> dict:
-    """Refuse sizes that cannot mean anything (``ValueError`` naming the parameter) where a notebook sets them:
+    """Refuse sizes that cannot mean anything (``ValueError`` naming the parameter) where a notebook sets
+    them:
     ``train_size`` / ``val_size`` (None = all), ``batch_size``, ``epochs`` (three stage lengths)."""
     for key in ("train_size", "val_size"):
         if key in values:
