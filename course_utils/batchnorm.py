@@ -98,6 +98,17 @@ def recalibration_batches(loader, num_batches: int, epoch: int | None = None):
             loader.epoch = saved_epoch
 
 
+def bn_layers_of(model: nn.Module, groups: Collection[str]) -> list[nn.Module]:
+    """The BatchNorm layers of ``groups``; a ``ValueError`` names a group the model does not have."""
+    known = group_modules(model)
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown layer group(s) {', '.join(unknown)}; this model's groups are {', '.join(known)}"
+        )
+    return [bn for g in groups for bn in known[g]]
+
+
 def recalibrate_bn(
     model: nn.Module,
     groups: Collection[str],
@@ -122,13 +133,7 @@ def recalibrate_bn(
     """
     start = time.perf_counter()
     whole_number(num_batches, "num_batches", example="16")
-    known = group_modules(model)
-    unknown = [g for g in groups if g not in known]
-    if unknown:
-        raise ValueError(
-            f"unknown layer group(s) {', '.join(unknown)}; this model's groups are {', '.join(known)}"
-        )
-    layers = [bn for g in groups for bn in known[g]]
+    layers = bn_layers_of(model, groups)
     device = torch.device(device) if device else next(model.parameters()).device
     batches = recalibration_batches(loader, num_batches, epoch)
     if not batches:
