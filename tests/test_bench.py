@@ -111,6 +111,7 @@ def test_the_same_seed_and_epoch_give_identical_batches(images):
     assert torch.equal(second, one_epoch(a, 1)[0])
 
 
+@pytest.mark.slow  # the whole bench command, both paths
 def test_bench_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     cli.main(
@@ -171,6 +172,7 @@ def test_bench_help_lists_the_options(capsys):
         assert option in text
 
 
+@pytest.mark.slow  # trains both paths
 def test_accuracy_mode_trains_both_paths_on_the_same_split(tmp_path):
     """``bench --accuracy``: both paths on the same real split, one accuracy per seed, summary consistent."""
     from course_utils.machinery import bench

@@ -375,6 +375,7 @@ def test_recalibration_does_not_change_the_training_order(runs, resnet18_state_f
 
 
 # ------------------------------------------------------------------------------ resume under every policy
+@pytest.mark.slow  # six interrupted and resumed runs
 @pytest.mark.parametrize("policy", BN_POLICIES)
 @pytest.mark.parametrize("stop_after", [1, 2])  # at the stage-2 boundary; in the middle of stage 2
 def test_resume_mid_schedule_equals_uninterrupted(runs, resnet18_state_file, tmp_path, policy, stop_after):

@@ -138,6 +138,7 @@ FAULTS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess trains twice (about 10 s)
 @pytest.mark.skipif(not GLIBC, reason="glibc (Linux) only: other C libraries are left alone")
 def test_steps_no_longer_fault_their_memory_in_from_the_kernel():
     """Each step of a small conv net allocates ~100 MB of activations and gradients: glibc's defaults return
@@ -161,6 +162,7 @@ def test_steps_no_longer_fault_their_memory_in_from_the_kernel():
     assert kept["faults"] < default["faults"] / 10
 
 
+@pytest.mark.slow  # spawns a process that imports torch and trains
 def test_the_plain_path_runs_in_a_process_of_its_own_without_the_course_setting():
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     spec = {
