@@ -94,6 +94,60 @@ def test_committed_notebook_is_clean_and_small(path):
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
 
 
+# What a committed output must never show: it would differ on the student's machine or look broken there.
+MACHINE_SPECIFIC = {
+    "an absolute path": re.compile(r"(?<![\w.])(/work/|/root/|/home/|/tmp/|/Users/|[A-Za-z]:\\\\)"),
+    "a frozen progress bar": re.compile(r"\b0%\|"),
+    "a widget's text repr": re.compile(r"\w+\(children=\(|ScheduleDesigner\("),
+    "an ASCII banner": re.compile(r"!!!"),
+}
+
+
+def committed_problems(nb: dict) -> list[str]:
+    """Cells tagged ``nbval-ignore-output`` (their output depends on weights, data, device, time or chance)
+    must be committed without outputs; no other output may show what ``MACHINE_SPECIFIC`` names."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        if "nbval-ignore-output" in tags(cell) and (cell.get("outputs") or cell.get("execution_count")):
+            found.append(f"cell {i}: tagged nbval-ignore-output but committed with its output")
+        text = json.dumps(cell.get("outputs", []), ensure_ascii=False)
+        found += [f"cell {i}: {what}" for what, pattern in MACHINE_SPECIFIC.items() if pattern.search(text)]
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_committed_outputs_are_the_same_on_every_machine(path):
+    problems = committed_problems(read(path))
+    assert not problems, (
+        f"{path.name}: " + "; ".join(problems) + ". Clear those outputs: jupyter nbconvert --to notebook "
+        "--inplace --TagRemovePreprocessor.enabled=True "
+        "--TagRemovePreprocessor.remove_all_outputs_tags='{\"nbval-ignore-output\"}' " + str(path)
+    )
+
+
+def test_the_committed_output_check_finds_each_problem():
+    def notebook(outputs, tagged=False):
+        cell = {"cell_type": "code", "execution_count": 1, "metadata": {}, "outputs": outputs, "source": ""}
+        if tagged:
+            cell["metadata"]["tags"] = ["nbval-ignore-output"]
+        return {"cells": [cell]}
+
+    def stream(text):
+        return [{"output_type": "stream", "name": "stdout", "text": [text]}]
+
+    assert committed_problems(notebook(stream("device: cpu\n"))) == []
+    assert "tagged" in committed_problems(notebook(stream("anything"), tagged=True))[0]
+    for text, what in [
+        ("subset /work/main/data/x.tar.gz", "an absolute path"),
+        ("epochs:   0%|          | 0/3", "a frozen progress bar"),
+        ("ScheduleDesigner(children=(HBox(", "a widget's text repr"),
+        ("!!! no pretrained weights", "an ASCII banner"),
+    ]:
+        assert committed_problems(notebook(stream(text))) == [f"cell 0: {what}"], text
+
+
 def smoke_parameters(path: Path, results_dir: Path) -> tuple[dict, dict]:
     """``(parameters, overrides)`` papermill injects into ``path`` for the smoke run."""
     (cell,) = [c for c in read(path)["cells"] if "parameters" in tags(c)]
