@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .machinery.checks import optional_whole_number, whole_number
 from .machinery.datafiles import DATA_DIR, find_cifar10, subset_banner
 from .machinery.devices import default_device
+from .machinery.presets import banner
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -114,9 +115,9 @@ def load_cifar10(
     )
     if verbose:
         if not found.full:
-            print(subset_banner(found))
+            banner(*subset_banner(found))
         n_train, n_val = len(data.train_labels), len(data.val_labels)
-        print(f"CIFAR-10: {n_train} train / {n_val} val images from {found.source}")
+        print(f"CIFAR-10：{n_train} 张训练图片 / {n_val} 张验证图片 (train / val)，来自 {found.source}")
     return data
 
 

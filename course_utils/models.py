@@ -269,7 +269,7 @@ def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
     except WeightsError as err:
         from .machinery.presets import banner
 
-        banner("没有 ImageNet 预训练权重 (no ImageNet weights) — using RANDOM weights", str(err))
+        banner("没有 ImageNet 预训练权重 (no ImageNet weights)：改用随机权重 (RANDOM weights) 继续", str(err))
         return build(weights=None, **kwargs), False
 
 

@@ -79,7 +79,7 @@ def test_offline_falls_back_to_the_shipped_subset_loudly(shipped_root, no_networ
     data = load_cifar10(shipped_root, train_size=100, val_size=50)
     out = capsys.readouterr().out
     assert data.source.startswith("shipped subset") and not data.full
-    assert "shipped subset" in out and "USING THE SHIPPED SUBSET" in out
+    assert "shipped subset" in out and "正在使用随课程附带的 CIFAR-10 小子集" in out
     assert "downloading CIFAR-10 failed" in out, "the reason for the fallback must be printed"
     assert data.train_images.shape == (100, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.val_images.shape == (50, 3, 32, 32)

@@ -146,7 +146,7 @@ def test_tiny_run_builds_the_local_copy_runs_every_step_and_reports(tmp_path):
         assert names == [f"notebooks/{p.name}" for p in driver.NOTEBOOKS]
         nb04 = json.load(tar.extractfile("notebooks/04_three_stage_finetuning.ipynb"))
     text = "".join("".join(o.get("text", "")) for c in nb04["cells"] for o in c.get("outputs", []))
-    assert "'preset': 'full'" in text and "'stem': 'cifar'" in text and "from local copy" in text
+    assert "'preset': 'full'" in text and "'stem': 'cifar'" in text and "来自 local copy" in text
     assert any("image/png" in o.get("data", {}) for c in nb04["cells"] for o in c.get("outputs", [])), (
         "the executed notebook has no figures (the book shows them)"
     )

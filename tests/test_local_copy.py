@@ -76,7 +76,7 @@ def test_layout_loads_as_the_local_copy_with_the_held_out_images_as_validation(t
         batch = pickle.load(f, encoding="latin1")
     assert batch["data"].dtype == np.uint8 and batch["data"].shape[1] == 3072 and len(batch["labels"]) == 6
     data = cdata.load_cifar10(root, download=False)
-    assert data.source.startswith("local copy") and "from local copy" in capsys.readouterr().out
+    assert data.source.startswith("local copy") and "来自 local copy" in capsys.readouterr().out
     assert (len(data.train_labels), len(data.val_labels)) == (30, 10)
     held_out = [decoded(blob) for _, blob in tars["held_out"]]
     assert image_set(data.val_images) == image_set(held_out)

@@ -196,14 +196,16 @@ def find_cifar10(root: str | os.PathLike, *, download: bool = True, mirror=None)
     return Found(*_shipped_subset(root, notes), full=False, notes=notes)
 
 
-def subset_banner(found: Found) -> str:
-    """The loud lines printed when the shipped subset stands in for CIFAR-10: why, and what it means."""
-    return (
-        "!" * 78 + "\n! " + "\n! ".join(found.notes) + "\n! USING THE SHIPPED SUBSET: only "
-        f"{len(found.train[1])} train / {len(found.val[1])} held-out images.\n! Accuracies are far below "
-        "those of the full 50,000 images. Go online once (or copy CIFAR-10 into data/)\n"
-        "! for the real numbers.\n" + "!" * 78
+def subset_banner(found: Found) -> tuple[str, str]:
+    """``(title, text)`` of the warning shown when the shipped subset stands in for CIFAR-10 (for
+    :func:`~course_utils.machinery.presets.banner`): what it means for the numbers, and why it happened."""
+    title = "正在使用随课程附带的 CIFAR-10 小子集 (shipped subset)"
+    text = (
+        f"只有 {len(found.train[1])} 张训练图片和 {len(found.val[1])} 张留出图片 (held-out)，准确率会远低于"
+        "用完整的 50,000 张图片训练的结果。联网运行一次（或把 CIFAR-10 复制到 data/）即可得到真实的数字。"
+        "原因 (why)：" + "; ".join(found.notes)
     )
+    return title, text
 
 
 # ------------------------------------------------------------------------------ JPEG tars

@@ -86,8 +86,9 @@ def check_sizes(values: dict) -> dict:
 
 
 def banner(title: str, text: str = "") -> None:
-    """A warning that cannot be missed: a red box in a notebook, framed text elsewhere."""
-    print(f"!!! {title}\n!!! {text}" if text else f"!!! {title}")
+    """A warning that cannot be missed: a red box in a notebook (the same text is printed, for logs and
+    papermill). ``title`` and ``text`` speak to students: Chinese, English technical terms in brackets."""
+    print(f"⚠ {title}\n  {text}" if text else f"⚠ {title}")
     try:
         from IPython import get_ipython
         from IPython.display import HTML, display
