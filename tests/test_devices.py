@@ -37,7 +37,7 @@ def test_cuda_then_mps_then_cpu(machine, cuda, mps, expected):
     machine(cuda=cuda, mps=mps)
     device, reason = devices.choose_device({})
     assert device.type == expected
-    assert {"cuda": "Fake GPU 9000", "mps": "Apple GPU (MPS)", "cpu": "no CUDA GPU and no Apple MPS"}[
+    assert {"cuda": "Fake GPU 9000", "mps": "Apple GPU (MPS)", "cpu": "没有 CUDA GPU，也没有 Apple MPS"}[
         expected
     ] in reason
     assert train.default_device().type == expected

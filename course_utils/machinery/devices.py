@@ -61,14 +61,17 @@ def choose_device(env: dict | None = None) -> tuple[torch.device, str]:
             )
         if device.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"{ENV}={wanted!r}: the course supports cpu, cuda and mps")
-        return device, f"set by {ENV}={wanted}"
+        return device, f"由 {ENV}={wanted} 指定 (set by {ENV})"
     if torch.cuda.is_available():
-        return torch.device("cuda"), f"CUDA GPU found: {torch.cuda.get_device_name(0)}"
+        return torch.device("cuda"), f"找到 CUDA GPU：{torch.cuda.get_device_name(0)}"
     if _mps_available():
-        return torch.device("mps"), "no CUDA GPU; Apple GPU (MPS) found"
+        return torch.device("mps"), "没有 CUDA GPU；找到 Apple GPU (MPS)"
     cuda_build = torch.version.cuda
-    why = "this torch is a CUDA build but sees no GPU" if cuda_build else "this torch has no CUDA support"
-    return torch.device("cpu"), f"no CUDA GPU and no Apple MPS ({why}); {torch.get_num_threads()} CPU threads"
+    why = "这个 torch 支持 CUDA，但看不到 GPU" if cuda_build else "这个 torch 不支持 CUDA (CPU-only build)"
+    threads = torch.get_num_threads()
+    return torch.device(
+        "cpu"
+    ), f"没有 CUDA GPU，也没有 Apple MPS（{why}）；使用 {threads} 个 CPU 线程 (threads)"
 
 
 def default_device() -> torch.device:
@@ -81,8 +84,8 @@ def describe_device(device: torch.device | str | None = None) -> str:
     if device is None:
         device, reason = choose_device()
     else:
-        device, reason = torch.device(device), "chosen by the caller"
-    return f"device: {device} — {reason}"
+        device, reason = torch.device(device), "由调用者指定 (chosen by the caller)"
+    return f"设备 (device)：{device} — {reason}"
 
 
 def fused_adamw_supported(device: torch.device | str) -> bool:
