@@ -77,13 +77,18 @@ def trace(model: nn.Module) -> Trace:
     def on_cbam(module, inputs):
         x = inputs[0]
         found.calls.append(
-            {"channels": x.shape[1], "size": x.shape[-1], "convs_before": len(found.convs), "negative": bool((x < 0).any())}
+            {
+                "channels": x.shape[1],
+                "size": x.shape[-1],
+                "convs_before": len(found.convs),
+                "negative": bool((x < 0).any()),
+            }
         )
 
     handles = [c.register_forward_hook(on_conv) for c in backbone_convs(model)]
     handles += [c.register_forward_pre_hook(on_cbam) for c in cbam_modules(model)]
     was_training = model.training
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)).to(device)
     model.eval()
     try:
@@ -154,7 +159,9 @@ def check_parameters(model: nn.Module) -> dict:
             f"CBAM {course['cbam']:,} + head {course['head']:,} + 主干 (backbone) {course['backbone']:,} "
             f"= {total:,}，与 models.vgg16_cbam 相同。",
         )
-    said = "；".join(f"{part} 有 {mine[part]:,} 个，应为 {course[part]:,}。{PART_HINTS[part]}" for part in wrong)
+    said = " ".join(
+        f"{part} 有 {mine[part]:,} 个，应为 {course[part]:,}。{PART_HINTS[part]}" for part in wrong
+    )
     return row(name, False, said)
 
 
@@ -167,14 +174,20 @@ def call_problem(call: dict) -> tuple[int, str | None]:
     block = block_of(n - 1)
     size = IMAGE_SIZE >> (block - 1)
     if n != LAST_CONV[block - 1]:
-        return block, f"在 block{block} 的中间（它前面只跑了 {n} 个卷积）：应放在 block{block} 的最后一个 ReLU 之后。"
+        return (
+            block,
+            f"在 block{block} 的中间（它前面只跑了 {n} 个卷积）：应放在 block{block} 的最后一个 ReLU 之后。",
+        )
     if call["size"] != size:
         return block, (
             f"在 block{block} 的最大池化之后 (after the max-pool)，看到的是 {call['size']}×{call['size']}："
             f"应放在池化之前，让空间注意力 (spatial attention) 看 {size}×{size} 的特征图。"
         )
     if call["negative"]:
-        return block, f"输入有负数：它在 block{block} 最后一个 ReLU 之前 (before the ReLU)，应放在 ReLU 之后。"
+        return (
+            block,
+            f"输入有负数：它在 block{block} 最后一个 ReLU 之前 (before the ReLU)，应放在 ReLU 之后。",
+        )
     return block, None
 
 
@@ -182,7 +195,9 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
     name = "CBAM 位置 (positions)"
     n_modules = len(cbam_modules(model))
     if n_modules == 0:
-        return row(name, False, "模型里没有 course_utils.cbam.CBAM 模块：用 CBAM(channels) 建 5 个，每块一个。")
+        return row(
+            name, False, "模型里没有 course_utils.cbam.CBAM 模块：用 CBAM(channels) 建 5 个，每块一个。"
+        )
     if found.error:
         return row(name, False, "forward 出错，无法检查 CBAM 的位置：先修好 forward。")
     problems, seen = [], []
@@ -199,9 +214,13 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
         if b not in seen
     ]
     if n_modules != len(found.calls):
-        problems.append(f"模型有 {n_modules} 个 CBAM，forward 调用了 {len(found.calls)} 次：每个 CBAM 都要在 forward 里用到。")
+        problems.append(
+            f"模型有 {n_modules} 个 CBAM，forward 调用了 {len(found.calls)} 次："
+            "每个 CBAM 都要在 forward 里用到。"
+        )
     if problems:
-        return row(name, False, " ".join(problems))
+        more = f" (另有 {len(problems) - 2} 处问题)" if len(problems) > 2 else ""
+        return row(name, False, " ".join(problems[:2]) + more)
     sizes = ", ".join(f"{c['size']}×{c['size']}" for c in found.calls)
     widths = ", ".join(str(c["channels"]) for c in found.calls)
     return row(
@@ -215,7 +234,9 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
 # ---------------------------------------------------------------------------- 4. pretrained weights
 def same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
     same_bias = (a.bias is None and b.bias is None) or (
-        a.bias is not None and b.bias is not None and torch.equal(a.bias.detach().cpu(), b.bias.detach().cpu())
+        a.bias is not None
+        and b.bias is not None
+        and torch.equal(a.bias.detach().cpu(), b.bias.detach().cpu())
     )
     return same_bias and torch.equal(a.weight.detach().cpu(), b.weight.detach().cpu())
 
@@ -223,9 +244,8 @@ def same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
 def check_weights(model: nn.Module, found: Trace, reference: nn.Module | None) -> dict:
     name = "预训练权重 (pretrained weights)"
     if reference is None:
-        return row(name, True, "没有给 reference，跳过：传入你的权重来源，例如 torchvision 的 vgg16 模型。") | {
-            "status": "skipped"
-        }
+        message = "没有给 reference，跳过：传入你的权重来源，例如 torchvision 的 vgg16 模型。"
+        return {"check": name, "status": "skipped", "message": message}
     mine, theirs = (found.convs if not found.error else backbone_convs(model)), backbone_convs(reference)
     if len(mine) != len(theirs):
         return row(name, False, f"你的主干有 {len(mine)} 个卷积层 (conv)，reference 有 {len(theirs)} 个。")
@@ -240,8 +260,14 @@ def check_weights(model: nn.Module, found: Trace, reference: nn.Module | None) -
         )
     differ = [k for k, (a, b) in enumerate(zip(mine, theirs)) if not same_conv(a, b)]
     if not differ:
-        return row(name, True, f"{len(mine)} 个卷积层的权重和偏置 (bias) 与 reference 逐位相同 (bit for bit)。")
-    where = ", ".join(f"block{block_of(k)} 第 {k + 1} 个卷积" for k in differ)
+        return row(
+            name, True, f"{len(mine)} 个卷积层的权重和偏置 (bias) 与 reference 逐位相同 (bit for bit)。"
+        )
+    where = (
+        f"全部 {len(mine)} 个卷积层：主干 (backbone) 还是随机初始化的"
+        if len(differ) == len(mine)
+        else ", ".join(f"block{block_of(k)} 第 {k + 1} 个卷积" for k in differ)
+    )
     return row(
         name,
         False,
@@ -266,26 +292,37 @@ def expected_trainable(model: nn.Module, convs: list[nn.Conv2d]) -> list[set[int
     return [new, new | high, {id(p) for p in model.parameters()}]
 
 
+def resolve_three_stages(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], list[list[str]]]:
+    """The model's layer groups and the groups each stage of ``three_stage_schedule()`` trains in it."""
+    schedule = finetune.three_stage_schedule()
+    groups = models.layer_groups(model)
+    new, high = models.new_groups_of(model), finetune.high_groups_of(model)
+    return groups, [schedule.resolve(stage, list(groups), new, high)[0] for stage in schedule.stages]
+
+
+def misplaced(model: nn.Module, wanted: set[int], trains: set[int]) -> str:
+    """Which parameters a stage freezes but should train, else which it trains but should not."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = sorted(names[i] for i in wanted - trains)
+    if frozen:
+        return f"该训练却被冻结 (frozen)：{', '.join(frozen[:3])}"
+    return f"不该训练却在训练 (trained)：{', '.join(sorted(names[i] for i in trains - wanted)[:3])}"
+
+
 def check_schedule(model: nn.Module, found: Trace) -> dict:
     name = "三阶段计划 (three_stage_schedule)"
-    schedule = finetune.three_stage_schedule()
     try:
-        groups, new, high = models.layer_groups(model), models.new_groups_of(model), finetune.high_groups_of(model)
-        resolved = [schedule.resolve(stage, list(groups), new, high)[0] for stage in schedule.stages]
+        groups, resolved = resolve_three_stages(model)
     except (AttributeError, TypeError, ValueError) as err:
         return row(name, False, f"{GROUP_NAMES_HINT} ({type(err).__name__}: {err})")
+    stages = [stage.name for stage in finetune.three_stage_schedule().stages]
+    said = " | ".join(f"{stage}: {', '.join(trainable)}" for stage, trainable in zip(stages, resolved))
     convs = found.convs if not found.error and len(found.convs) == LAST_CONV[-1] else backbone_convs(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    said = " | ".join(f"{s.name}: {', '.join(t)}" for s, t in zip(schedule.stages, resolved))
-    for stage, trainable, wanted in zip(schedule.stages, resolved, expected_trainable(model, convs)):
+    for stage, trainable, wanted in zip(stages, resolved, expected_trainable(model, convs)):
         trains = {id(p) for g in trainable for p in groups[g]}
         if trains != wanted:
-            odd = sorted(names[i] for i in trains ^ wanted)
-            return row(
-                name,
-                False,
-                f"阶段 {stage.name!r} 训练的参数不对（{said}）：{', '.join(odd[:3])} 分错了组。{GROUP_NAMES_HINT}",
-            )
+            wrong = misplaced(model, wanted, trains)
+            return row(name, False, f"阶段 {stage!r}（{said}）里{wrong}。{GROUP_NAMES_HINT}")
     return row(name, True, f"每个阶段训练的部分都对：{said}。")
 
 
@@ -310,7 +347,10 @@ def check_vgg16_cbam(model: nn.Module, reference: nn.Module | None = None) -> li
 def report(model: nn.Module | None, reference: nn.Module | None = None) -> list[dict] | None:
     """Print :func:`check_vgg16_cbam`'s rows, one line each, then how many problems are left."""
     if model is None:
-        print("MY_MODEL 还是 None：还没有写完 (not done yet)。写好 MyVGG16CBAM 之后给 MY_MODEL 赋值，再运行这个单元格。")
+        print(
+            "MY_MODEL 还是 None：还没有写完 (not done yet)。"
+            "写好 MyVGG16CBAM 之后给 MY_MODEL 赋值，再运行这个单元格。"
+        )
         return None
     rows = check_vgg16_cbam(model, reference)
     for r in rows:
