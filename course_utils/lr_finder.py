@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from .finetune import EpochPlan, Schedule, Stage, make_optimizer
-from .machinery import checks, devices, precision
-from .train import batch_to_device, default_amp, default_device, prepare_model, start_epoch, train_step
+from .machinery import checks, devices
+from .machinery.devices import default_device
+from .machinery.runtime import batch_to_device, default_amp, prepare_model
+from .train import start_epoch, train_step
 
 SKIP_START = 0.1  # the first 10 % of the steps (the loss still settles at tiny rates) are not considered
 SKIP_END = 5  # nor the last 5 (the blow-up), as fastai does
@@ -378,13 +380,7 @@ class _StageTrainer:
         self, model, plan, loader, optimizer, device, weight_decay, label_smoothing, amp, channels_last
     ):
         self.model, self.device, self.amp, self.label_smoothing = model, device, amp, label_smoothing
-        self.channels_last = prepare_model(
-            model,
-            device,
-            channels_last,
-            precision.loader_image_size(loader),
-            getattr(loader, "batch_size", None),
-        )
+        self.channels_last = prepare_model(model, device, channels_last, loader)
         if isinstance(optimizer, str):
             optimizer = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)
         self.optimizer = optimizer

@@ -36,6 +36,7 @@ from .batchnorm import recalibrate_bn, recalibration_groups
 from .finetune import Schedule, apply_epoch, make_optimizer
 from .machinery.batches import BatchError, checked_batches, loader_length
 from .machinery.checkpoints import CheckpointError, atomic_write, save_checkpoint, start_or_resume
+from .machinery.devices import default_device
 from .machinery.guards import (
     ModelGuard,
     NonFiniteLossWatch,
@@ -44,7 +45,7 @@ from .machinery.guards import (
     check_fit_arguments,
     diverged,
 )
-from .machinery.runtime import autocast, batch_to_device, default_amp, default_device, prepare_model
+from .machinery.runtime import autocast, batch_to_device, default_amp, prepare_model
 
 __all__ = ["History", "fit", "train_epoch", "train_step", "evaluate", "predict", "seed_everything"]
 __all__ += ["BatchError", "CheckpointError", "TrainingDiverged"]  # what fit raises
@@ -74,7 +75,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
     with ModelGuard(model) as guard:
         device = torch.device(device) if device else default_device()
         plans = schedule.plan_for(model)  # one EpochPlan per epoch: its stage, trainable groups, lr per group
-        channels_last = prepare_model(model, device, channels_last, *_input_size(train_loader))
+        channels_last = prepare_model(model, device, channels_last, train_loader)
         opt = make_optimizer(model, weight_decay=weight_decay, optimizer=optimizer)  # all parameters, lr 0
         meta = {"schedule": schedule.to_dict(), "model": type(model).__name__, "device": str(device),
                 "bn_policy": bn_policy, "bn_batches": bn_batches}  # fmt: skip
@@ -297,13 +298,6 @@ class History:
 
 
 # ------------------------------------------------------------------------------ fit's small steps
-def _input_size(loader) -> tuple:
-    """``(image_size, batch_size)`` of a loader where it says them (the precision choice uses them)."""
-    from .machinery.precision import loader_image_size
-
-    return loader_image_size(loader), getattr(loader, "batch_size", None)
-
-
 def _epoch_batches(loader, epoch: int):
     """The loader's batches for ``epoch`` (``set_epoch`` first, if it has one: shuffling depends on the
     epoch)."""

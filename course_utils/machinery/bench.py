@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from .. import data as cdata
 from ..finetune import Schedule, Stage
 from ..models import resnet18_cbam, vgg16_cbam
-from ..train import default_device, evaluate, fit
+from ..train import evaluate, fit
 from . import checks, devices, precision
 from .datafiles import DataUnavailableError
+from .devices import default_device
 
 MODELS = {"resnet18_cbam": resnet18_cbam, "vgg16_cbam": vgg16_cbam}
 DEFAULT_IMAGES = {"cpu": 2048, "cuda": 10240}

@@ -13,11 +13,6 @@ from torch import nn
 from . import devices, precision
 
 
-def default_device() -> torch.device:
-    """CUDA, else Apple's MPS, else the CPU; ``$COURSE_DEVICE`` overrides (see :mod:`.devices`)."""
-    return devices.default_device()
-
-
 def default_amp(
     device: torch.device, image_size=None, model: nn.Module | None = None, channels_last: bool | None = None
 ) -> bool:
@@ -41,18 +36,13 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
-def prepare_model(
-    model: nn.Module,
-    device: torch.device,
-    channels_last: bool | None,
-    image_size=None,
-    batch_size: int | None = None,
-) -> bool:
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None, loader=None) -> bool:
     """Per-run setup of ``fit`` (and of ``lr_find``): the model on ``device``, channels-last when asked
-    (default: :func:`default_channels_last` for this input size and batch size), and on a Linux CPU the
-    memory of each step kept for the next (:func:`.devices.keep_freed_memory`); returns the channels-last
-    choice."""
+    (default: :func:`default_channels_last` for the image and batch size ``loader`` gives), and on a Linux
+    CPU the memory of each step kept for the next (:func:`.devices.keep_freed_memory`); returns the
+    channels-last choice."""
     if channels_last is None:
+        image_size, batch_size = precision.loader_image_size(loader), getattr(loader, "batch_size", None)
         channels_last = default_channels_last(model, device, image_size, batch_size)
     devices.keep_freed_memory(device)  # on a Linux CPU: no page faults per step (see devices.py)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
