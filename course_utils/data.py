@@ -73,7 +73,7 @@ def _pick(labels: torch.Tensor, size: int | None, seed: int, name: str, source: 
     if size is not None and size > len(labels):
         warnings.warn(
             f"{name}={size} but {source} holds only {len(labels)} images of that split: "
-            f"using all {len(labels)}",
+            f"using all {len(labels)}（提示：{name} 比现有的图片多，改用全部 {len(labels)} 张）",
             UserWarning,
             stacklevel=3,
         )

@@ -95,9 +95,7 @@ def run_cached(
     path = run_path(name, schedule, results_dir, _with_fit_options(config, fit_kwargs))
     if path.exists() and not retrain:
         history = History.load(path)
-        print(
-            f"{name}: loaded {_shown(path)} (trained earlier; delete it or pass retrain=True to train again)"
-        )
+        print(f"{name}：读取了之前训练的结果 {_shown(path)}（要重新训练：删掉它，或传 retrain=True）")
         return history
     check_writable(path)  # before training, not after it
     seed_everything(int(config.get("seed", 0)))
@@ -112,7 +110,10 @@ def run_cached(
         total_params=sum(p.numel() for p in model.parameters()),
     )
     history.save(path)
-    print(f"{name}: trained {len(history)} epochs in {sum(history['seconds']):.0f} s, saved {_shown(path)}")
+    print(
+        f"{name}：训练了 {len(history)} 轮 (epochs)，用时 {sum(history['seconds']):.0f} 秒，"
+        f"保存在 {_shown(path)}"
+    )
     return history
 
 

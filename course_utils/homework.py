@@ -139,7 +139,8 @@ def course_counts() -> dict[str, int]:
 
 
 PART_HINTS = {
-    "cbam": "CBAM 参数不对：每个卷积块一个 CBAM，通道数 (channels) 依次为 64, 128, 256, 512, 512。",
+    "cbam": "CBAM 参数不对：每段 (block1–block5) 一个 CBAM，"
+    "通道数 (channels) 依次为 64, 128, 256, 512, 512。",
     "head": "分类头 (head) 应只有一个 nn.Linear(512, 10)（前面是全局平均池化和 Dropout，它们没有参数）；"
     "参数多得多说明保留了原来的 classifier。",
     "backbone": "主干 (backbone) 应是 VGG16 features 里的 13 个卷积层：多了可能是用了 vgg16_bn (BatchNorm) "
@@ -170,7 +171,7 @@ def call_problem(call: dict) -> tuple[int, str | None]:
     """``(block, problem or None)`` for one CBAM call, the block being the one whose convs ran before it."""
     n = call["convs_before"]
     if n == 0:
-        return 0, "在第一个卷积之前 (before the first conv)：CBAM 应放在卷积块之后。"
+        return 0, "在第一个卷积之前 (before the first conv)：CBAM 应放在每段的卷积之后。"
     block = block_of(n - 1)
     size = IMAGE_SIZE >> (block - 1)
     if n != LAST_CONV[block - 1]:
@@ -196,7 +197,7 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
     n_modules = len(cbam_modules(model))
     if n_modules == 0:
         return row(
-            name, False, "模型里没有 course_utils.cbam.CBAM 模块：用 CBAM(channels) 建 5 个，每块一个。"
+            name, False, "模型里没有 course_utils.cbam.CBAM 模块：用 CBAM(channels) 建 5 个，每段一个。"
         )
     if found.error:
         return row(name, False, "forward 出错，无法检查 CBAM 的位置：先修好 forward。")
@@ -206,7 +207,7 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
         if problem:
             problems.append(f"第 {k} 个 CBAM {problem}")
         elif block in seen:
-            problems.append(f"block{block} 后面有两个 CBAM：每块只要一个。")
+            problems.append(f"block{block} 后面有两个 CBAM：每段只要一个。")
         seen.append(block)
     problems += [
         f"block{b} 后面缺一个 CBAM (CBAM({w}))。"
@@ -227,7 +228,7 @@ def check_cbam_positions(model: nn.Module, found: Trace) -> dict:
         name,
         True,
         f"{len(found.calls)} 个 CBAM，通道数 (channels) {widths}，特征图 (feature map) {sizes}："
-        "都在各块最后一个 ReLU 之后、最大池化之前。",
+        "都在各段最后一个 ReLU 之后、最大池化之前。",
     )
 
 
@@ -272,7 +273,7 @@ def check_weights(model: nn.Module, found: Trace, reference: nn.Module | None) -
         name,
         False,
         f"这些卷积的权重和 reference 不同：{where}。预训练的层要直接用 reference 的卷积 "
-        "(用 backbone.features 切出各块)，或把权重复制过来 (load_state_dict)，不要新建卷积层。",
+        "(用 backbone.features 切出各段)，或把权重复制过来 (load_state_dict)，不要新建卷积层。",
     )
 
 

@@ -160,13 +160,15 @@ class LRFinderResult:
         figure."""
         import matplotlib.pyplot as plt
 
+        from .plots import zh
+
         if ax is None:
             fig, ax = plt.subplots(figsize=(6, 3.6))
             plt.close(fig)
         else:
             fig = ax.figure
-        ax.plot(self.multiplier, self.loss, color="#bbb", lw=1, label="loss")
-        ax.plot(self.multiplier, self.smoothed, color="C0", lw=2, label="smoothed loss")
+        ax.plot(self.multiplier, self.loss, color="#bbb", lw=1, label=zh("损失", "loss"))
+        ax.plot(self.multiplier, self.smoothed, color="C0", lw=2, label=zh("平滑后的损失", "smoothed loss"))
         ax.set_xscale("log")
         finite = [v for v in self.smoothed if math.isfinite(v)]
         if finite:  # from a little below the minimum to a little above the start: the blow-up is cut off
@@ -181,9 +183,9 @@ class LRFinderResult:
         except ValueError:
             pass
         shares = ", ".join(f"{g}×{s:g}" for g, s in self.shares.items())
-        ax.set_xlabel(f"learning rate (multiplier; groups: {shares})")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"LR finder: stage {self.stage.name}", fontsize=10)
+        ax.set_xlabel(zh("学习率", "learning rate") + f" (multiplier; {shares})")
+        ax.set_ylabel(zh("训练损失", "training loss"))
+        ax.set_title(zh("学习率查找器：阶段", "LR finder: stage") + f" {self.stage.name}", fontsize=10)
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         return fig
@@ -243,8 +245,8 @@ def _batches(loader, first_epoch: int, num_steps: int, notes: list[str]):
         passes += 1
         if passes == 1:
             notes.append(
-                f"the loader has {got} batches, fewer than num_steps={num_steps}: it was cycled "
-                f"(each pass a new epoch); the curve then sees some images twice"
+                f"数据加载器 (loader) 只有 {got} 个批次，少于 num_steps={num_steps}：循环使用了它 (cycled)，"
+                f"每一遍算新的一轮 (epoch)；曲线因此把一些图片看了两次"
             )
 
 
@@ -469,5 +471,5 @@ def lr_find(
                     break
                 best = min(best, smoothed)
     for note in result.notes if progress else []:
-        print(f"lr_find: {note}")
+        print(f"学习率查找器 (lr_find)：{note}")
     return result

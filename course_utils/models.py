@@ -269,7 +269,12 @@ def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
     except WeightsError as err:
         from .machinery.presets import banner
 
-        banner("没有 ImageNet 预训练权重 (no ImageNet weights)：改用随机权重 (RANDOM weights) 继续", str(err))
+        banner(
+            "没有 ImageNet 预训练权重 (no ImageNet weights)：改用随机权重 (RANDOM weights) 继续",
+            "课程照常运行，但依赖预训练权重的结论在这次运行里不成立，notebook 会逐条说明。要用预训练权重："
+            "联网运行一次，或按 README 的“离线使用与镜像 (offline use and mirrors)”一节放好权重文件。"
+            f"详细信息 (details)：{err}",
+        )
         return build(weights=None, **kwargs), False
 
 

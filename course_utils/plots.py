@@ -43,20 +43,37 @@ def cjk_font() -> str | None:
 
 
 def use_cjk_fallback() -> str | None:
-    """Let figures draw Chinese: the installed CJK font becomes the fallback after the default sans-serif
-    font (Latin text looks as before; matplotlib 3.6+ falls back per glyph). Returns the family or
-    ``None``."""
+    """Let figures draw Chinese: the installed CJK font follows the default sans-serif font in
+    ``font.family``, so Latin text looks as before and each Chinese glyph comes from the CJK font
+    (matplotlib 3.6+ falls back per glyph along ``font.family``, not along ``font.sans-serif``). Returns the
+    family or ``None``."""
     family = cjk_font()
-    if family and family not in plt.rcParams["font.sans-serif"]:
-        plt.rcParams["font.sans-serif"] = [
-            *plt.rcParams["font.sans-serif"][:1],
-            family,
-            *plt.rcParams["font.sans-serif"][1:],
-        ]
+    families = list(plt.rcParams["font.family"])
+    if family and family not in families:
+        plt.rcParams["font.family"] = [*families, family]
     return family
 
 
-use_cjk_fallback()
+CJK_FONT = use_cjk_fallback()
+METRICS = {  # a History column → what a figure calls it
+    "loss": ("损失", "loss"),
+    "acc": ("准确率", "accuracy"),
+    "train_loss": ("训练损失", "train loss"),
+    "train_acc": ("训练准确率", "train accuracy"),
+    "val_loss": ("验证损失", "val loss"),
+    "val_acc": ("验证准确率", "val accuracy"),
+}
+
+
+def zh(chinese: str, english: str) -> str:
+    """A figure's label for a Chinese-speaking student: ``"轮 (epoch)"`` where a font draws Chinese, else
+    ``"epoch"`` (never boxes where the characters should be)."""
+    return f"{chinese} ({english})" if CJK_FONT else english
+
+
+def metric_label(metric: str) -> str:
+    """``"val_acc"`` → ``"验证准确率 (val accuracy)"``; a name the course does not know stays as it is."""
+    return zh(*METRICS[metric]) if metric in METRICS else metric
 
 
 def _figure(ncols: int = 1, nrows: int = 1, size=(5.5, 3.6), **kw):
@@ -106,7 +123,7 @@ def mark_recalibrations(ax, history, label: bool = True) -> None:
             ls="--",
             lw=1,
             zorder=1,
-            label="BN recalibrated" if label and i == 0 else None,
+            label=zh("BN 重新估计", "BN recalibrated") if label and i == 0 else None,
         )
 
 
@@ -118,11 +135,11 @@ def plot_history(history, title: str | None = None):
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         shade_stages(ax, history)
         mark_recalibrations(ax, history)
-        ax.plot(epochs, history[f"train_{key}"], "o-", label="train", ms=3)
+        ax.plot(epochs, history[f"train_{key}"], "o-", label=zh("训练", "train"), ms=3)
         if any(v is not None for v in history[f"val_{key}"]):
-            ax.plot(epochs, history[f"val_{key}"], "s-", label="val", ms=3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+            ax.plot(epochs, history[f"val_{key}"], "s-", label=zh("验证", "val"), ms=3)
+        ax.set_xlabel(zh("轮", "epoch"))
+        ax.set_ylabel(metric_label(key))
         ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title, y=1.04)
@@ -130,7 +147,7 @@ def plot_history(history, title: str | None = None):
     return fig
 
 
-def plot_lr(source, ax=None, log: bool = True, title: str = "learning rate per group"):
+def plot_lr(source, ax=None, log: bool = True, title: str | None = None):
     """Learning rate of every group per epoch (0 = frozen, drawn as a gap), stages shaded.
 
     ``source``: a History (what was in force) or a list of :class:`EpochPlan` (what a schedule will do).
@@ -152,16 +169,16 @@ def plot_lr(source, ax=None, log: bool = True, title: str = "learning rate per g
         ax.step(epochs, values * offset, where="mid", label=group, lw=2)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("lr (gap = frozen)")
-    ax.set_title(title, fontsize=10, pad=14)
+    ax.set_xlabel(zh("轮", "epoch"))
+    ax.set_ylabel(zh("学习率；空白 = 冻结", "lr; gap = frozen"))
+    ax.set_title(title or zh("每个层组的学习率", "learning rate per group"), fontsize=10, pad=14)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def plot_weight_drift(
-    drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title="how far each group moved"
+    drifts: Mapping[str, Mapping[str, float]] | Mapping[str, float], title: str | None = None
 ):
     """Bars of :func:`~course_utils.finetune.weight_drift` per group; pass ``{run_name: drift}`` to compare
     runs side by side."""
@@ -174,8 +191,8 @@ def plot_weight_drift(
         ax.bar(np.arange(len(groups)) + i * width, [drift[g] for g in groups], width, label=run or None)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
     ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_ylabel("‖w − w₀‖ / ‖w₀‖")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(zh("权重漂移", "weight drift") + " ‖w − w₀‖ / ‖w₀‖")
+    ax.set_title(title or zh("每个层组的权重移动了多远", "how far each group moved"), fontsize=10)
     if len(drifts) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -230,7 +247,13 @@ def plot_attention(
             axes[r, c].set_xlabel(f"{low:.2f}–{high:.2f}", fontsize=7)
             if r == 0:
                 axes[r, c].set_title(f"{name} ({maps[name].shape[-2]}×{maps[name].shape[-1]})", fontsize=8)
-    fig.suptitle("spatial attention: red = high gate (each map scaled min→max, range below)", fontsize=9)
+    fig.suptitle(
+        zh(
+            "空间门：红 = 门值高（每张图按自己的最小→最大着色，范围写在下面）",
+            "spatial attention: red = high gate",
+        ),
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -272,8 +295,8 @@ def plot_confusion(predicted: torch.Tensor, true: torch.Tensor, classes: Sequenc
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=60, fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel(zh("预测的类别", "predicted"))
+    ax.set_ylabel(zh("真实的类别", "true"))
     for t in range(len(classes)):
         for p in range(len(classes)):
             if cm[t, p] > 0:
@@ -298,12 +321,12 @@ def plot_comparison(histories: Mapping[str, object], metric: str = "val_acc", ti
     for name, history in histories.items():
         ax_line.plot(history["epoch"], history[metric], "o-", ms=3, label=name)
         finals[name] = history[metric][-1]
-    ax_line.set_xlabel("epoch")
-    ax_line.set_ylabel(metric)
+    ax_line.set_xlabel(zh("轮", "epoch"))
+    ax_line.set_ylabel(metric_label(metric))
     ax_line.legend(fontsize=7)
     ax_bar.barh(list(finals), list(finals.values()), color=[f"C{i}" for i in range(len(finals))])
     ax_bar.invert_yaxis()
-    ax_bar.set_xlabel(f"final {metric}")
+    ax_bar.set_xlabel(zh("最后一轮的", "final ") + metric_label(metric))
     for i, v in enumerate(finals.values()):
         ax_bar.text(v, i, f" {v:.3f}", va="center", fontsize=8)
     if title:
@@ -327,8 +350,8 @@ def plot_runs(
             ax.plot(history["epoch"], history[metric], "o-", ms=3, color=f"C{i}", label=name)
             for rec in getattr(history, "meta", {}).get("bn_recalibrations", []):
                 ax.axvline(rec["epoch"] - 0.5, color=f"C{i}", ls="--", lw=1, zorder=1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+        ax.set_xlabel(zh("轮", "epoch"))
+        ax.set_ylabel(metric_label(metric))
         ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, y=1.04)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import pytest
@@ -63,7 +63,7 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
     out, executed = smoke_book["out"], smoke_book["executed"]
     index = smoke_book["index"].read_text(encoding="utf-8")
     pages = [out / (p.stem + ".html") for p in executed]
-    assert list(re.findall(r'href="([^"]+)"', index)) == [p.name for p in pages]
+    assert list(re.findall(r'href="([^"]+)"', index)) == ["glossary.html"] + [p.name for p in pages]
     for i, (path, page) in enumerate(zip(executed, pages)):
         nb = json.loads(path.read_text(encoding="utf-8"))
         summary = book.lesson_summary(nb, path)
@@ -74,6 +74,8 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
         )
         assert book.format_seconds(nb["metadata"]["papermill"]["duration"]) in index
         text = page.read_text(encoding="utf-8")
+        # no widget shown as its text repr or as a progress bar frozen at its start (drawn from saved state)
+        assert not re.search(r"\w+\(children=|HBox\(|VBox\(|\b0%\|", text), page.name
         code_cells = sum(1 for c in nb["cells"] if c["cell_type"] == "code")
         assert text.count('<details class="book-code"') == code_cells
         pngs = outputs(nb, lambda o: "image/png" in o.get("data", {}))
@@ -85,6 +87,9 @@ def test_book_pages_keep_every_output_and_link_the_lessons(smoke_book):
             [("next", pages[i + 1].name)] if i + 1 < len(pages) else []
         )
         assert prev_next == 2 * one_nav, page.name  # the bar above the lesson and the one below
+    panel = next(p for p in pages if p.name.startswith("04_")).read_text(encoding="utf-8")
+    assert "schedule-table" in panel and 'type="range"' in panel, "04's panel is not drawn from its state"
+    assert sum("<progress" in p.read_text(encoding="utf-8") for p in pages) >= 3, "progress bars are gone"
     assert sum(outputs(json.loads(p.read_text(encoding="utf-8")), is_banner) for p in executed) > 0, (
         "the smoke run shows no banner: the banner check above tested nothing"
     )
@@ -103,7 +108,10 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "book_failure.png").unlink(missing_ok=True)  # only a failure of this run leaves one
     index = smoke_book["index"]
-    pages = [index] + [smoke_book["out"] / (p.stem + ".html") for p in smoke_book["executed"]]
+    lessons = [smoke_book["out"] / (p.stem + ".html") for p in smoke_book["executed"]]
+    docs = sorted(set(smoke_book["out"].glob("*.html")) - set(lessons) - {index})
+    assert smoke_book["out"] / "glossary.html" in docs
+    pages = [index, *lessons, *docs]
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"),
@@ -122,8 +130,8 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
         cdp = context.new_cdp_session(page)
         try:
             for target in pages:
-                check_book_page(page, cdp, target, index)
-            click_through_the_book(page, index, pages)
+                check_book_page(page, cdp, target, index, has_figures=target in lessons)
+            click_through_the_book(page, index, [index, *lessons])
         except BaseException:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / "book_failure.png"))
@@ -132,13 +140,13 @@ def test_book_in_chromium(smoke_book, chromium, tmp_path):  # noqa: F811
             context.close()
 
 
-def check_book_page(page, cdp, target: Path, index: Path) -> None:
+def check_book_page(page, cdp, target: Path, index: Path, has_figures: bool) -> None:
     """One page of the book in the browser: a title, every figure loaded, every link inside the book
     resolving, Chinese drawn with a CJK font; a screenshot of the index."""
     page.goto(target.as_uri(), wait_until="load")
     assert page.title(), f"{target.name} has no title"
     images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-    if target != index:
+    if has_figures:
         assert images, f"{target.name} shows no figure"
     assert all(done and width > 0 for done, width in images), f"{target.name}: a figure did not load {images}"
     # every link inside the book resolves to a page that exists (and to an element, for #anchors)
@@ -148,7 +156,7 @@ def check_book_page(page, cdp, target: Path, index: Path) -> None:
         if file is None:
             continue  # an http(s) link in the lesson text
         assert file.is_file(), f"{target.name} links to {href}, which does not exist"
-        fragment = urlparse(href).fragment
+        fragment = unquote(urlparse(href).fragment)  # a Chinese heading's anchor comes percent-encoded
         if fragment and file == target:
             assert page.locator(f"[id={json.dumps(fragment)}]").count(), f"{target.name}: no #{fragment}"
     assert "index.html" in " ".join(hrefs) or target == index
@@ -215,3 +223,96 @@ def assert_cjk_renders(page, cdp, name: str) -> None:
     assert not (same["a_b"] or same["a_missing"] or same["b_missing"]), (
         f"{name}: Chinese characters are drawn as identical boxes in {same['family']} (tofu): {same}"
     )
+
+
+# ------------------------------------------------------------------ pages the lessons link to; widgets
+def lesson(path: Path, title: str, markdown: str, outputs=(), widgets=None) -> Path:
+    nb = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {"widgets": widgets} if widgets else {},
+        "cells": [
+            {"cell_type": "markdown", "id": "a0", "metadata": {}, "source": f"# {title}\n\n{markdown}"},
+            {
+                "cell_type": "code",
+                "id": "a1",
+                "metadata": {},
+                "execution_count": 1,
+                "source": "x",
+                "outputs": list(outputs),
+            },
+        ],
+    }
+    path.write_text(json.dumps(nb, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_links_to_the_glossary_package_docs_and_lessons_become_book_pages(tmp_path):
+    repo, src = tmp_path / "repo", tmp_path / "src"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "course_utils").mkdir()
+    src.mkdir()
+    (repo / "notebooks" / "glossary.md").write_text(
+        "# 术语表 (glossary)\n\n| 术语 | 含义 |\n|---|---|\n"
+        "| 轮 (epoch) | 见 [代码](../course_utils/train.py)、"
+        "[包的文档](../course_utils/README.md#bf16-or-fp32-on-the-cpu) |\n",
+        encoding="utf-8",
+    )
+    (repo / "course_utils" / "README.md").write_text(
+        "# `course_utils`\n\n## 学生阅读顺序 (Reading order)\n\n## bf16 or fp32 on the CPU\n\ntext\n",
+        encoding="utf-8",
+    )
+    links = (
+        "[术语表](glossary.md)、[Devices](../course_utils/README.md#bf16-or-fp32-on-the-cpu)、"
+        "[下一课](02_b.ipynb#x)"
+    )
+    lesson(src / "01_a.ipynb", "01 · a", links)
+    lesson(src / "02_b.ipynb", "02 · b", "[没有的文件](missing.md)")
+    index = book.build_book(src, tmp_path / "book", repo / "notebooks")
+    out = index.parent
+    page = (out / "01_a.html").read_text(encoding="utf-8")
+    assert 'href="glossary.html"' in page and 'href="02_b.html#x"' in page
+    assert 'href="course_utils-README.html#bf16-or-fp32-on-the-cpu"' in page
+    assert 'href="missing.md"' in (out / "02_b.html").read_text(encoding="utf-8")  # left for the link test
+    glossary = (out / "glossary.html").read_text(encoding="utf-8")
+    assert "<table>" in glossary and 'href="course_utils-README.html#bf16-or-fp32-on-the-cpu"' in glossary
+    assert "代码" in glossary and "course_utils/train.py" not in glossary  # no page: its text, no link
+    docs = (out / "course_utils-README.html").read_text(encoding="utf-8")
+    assert 'id="bf16-or-fp32-on-the-cpu"' in docs and 'id="学生阅读顺序-reading-order"' in docs  # GitHub's
+    assert 'href="glossary.html"' in index.read_text(encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "01_a.html",
+        "02_b.html",
+        "course_utils-README.html",
+        "glossary.html",
+        "index.html",
+    ]
+
+
+def test_the_instructor_panel_shows_as_its_saved_state_not_its_repr(tmp_path):
+    """A book page has no kernel and (offline) no widget scripts: the panel is drawn from its saved state
+    — its sliders where they were left, its schedule plot and table — and a widget without saved state
+    says where to see it."""
+    from ipywidgets.embed import embed_data
+    from test_widgets import tiny_loaders
+
+    from course_utils import models, widgets
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    panel = widgets.schedule_designer(
+        models.resnet18_cbam(placement="stage"), *tiny_loaders(), epochs=(2, 3, 3)
+    )
+    panel.values = {"end1": 4}
+    data = embed_data(views=[panel])
+    widget_state = {"application/vnd.jupyter.widget-state+json": data["manager_state"]}
+    view = {"application/vnd.jupyter.widget-view+json": data["view_specs"][0], "text/plain": [repr(panel)]}
+    orphan = {"application/vnd.jupyter.widget-view+json": {"model_id": "gone"}, "text/plain": ["HBox()"]}
+    outputs = [{"output_type": "display_data", "metadata": {}, "data": d} for d in (view, orphan)]
+    lesson(tmp_path / "04_panel.ipynb", "04 · 面板", "讲师面板", outputs, widget_state)
+    page = (book.build_book(tmp_path, tmp_path / "book").parent / "04_panel.html").read_text(encoding="utf-8")
+    assert "ScheduleDesigner(" not in page and "HBox()" not in page
+    assert "schedule-table" in page and "1-4" in page  # the preview table of the schedule as it was left
+    assert page.count('type="range"') >= 2 and re.search(r'value="4"', page)  # the boundary slider, moved
+    assert re.search(r'<img [^>]*src="data:image/png;base64,iVBOR', page)  # the learning-rate plot
+    assert "在 JupyterLab 里运行" in page  # the widget whose state was not saved

@@ -273,7 +273,7 @@ def check_find_lr(page, expect) -> tuple[str, str]:
     status = page.locator(".schedule-find-lr-status")
     expect(status).to_contain_text("suggestion", timeout=180_000)
     expect(page.locator(".schedule-lr-curve")).to_be_visible()
-    suggestion = re.search(r"suggestion (\S+) \(valley", status.inner_text()).group(1)  # Python's .1e
+    suggestion = re.search(r"\(suggestion\) (\S+)（valley", status.inner_text()).group(1)  # Python's .1e
     mantissa, exponent = suggestion.split("e")
     expect(lr_readout).to_have_text(f"{mantissa}e{int(exponent)}", timeout=30_000)  # the slider's d3 .1e
     expect(page.locator(".schedule-preview-table")).to_contain_text(suggestion, timeout=30_000)
@@ -289,9 +289,9 @@ def check_invalid_moves(page, expect) -> str:
     expect(table).to_contain_text("5-5")
     move_end1(page, expect, 5)
     expect(error).to_contain_text("invalid choice", timeout=60_000)
-    expect(error).to_contain_text("stage 2 is empty")
+    expect(error).to_contain_text("阶段 2 是空的")
     move_end1(page, expect, 6)
-    expect(error).to_contain_text("stage 2 would end before stage 1", timeout=60_000)
+    expect(error).to_contain_text("阶段 2 会在阶段 1 之前结束", timeout=60_000)
     expect(page.locator("button.schedule-train")).to_be_disabled()
     kept = table.inner_text()
     assert "1-4" in kept and "5-5" in kept, kept  # the preview keeps the last valid schedule

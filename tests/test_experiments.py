@@ -65,13 +65,13 @@ def test_second_call_reloads_without_training(tmp_path, loaders, counted_fit, mo
     assert len(files) == 1 and files[0].name.startswith("b_cbam_one_lr-")
     saved = json.loads(files[0].read_text())
     assert saved["meta"]["config"] == CONFIG and saved["meta"]["name"] == "b: cbam one lr"
-    assert "trained" in capsys.readouterr().out
+    assert "训练了 1 轮" in capsys.readouterr().out
 
     forbid_fit(monkeypatch)
     again = experiments.run_cached(
         "b: cbam one lr", build, one, loaders, tmp_path, dict(CONFIG), progress=False
     )
-    assert "loaded" in capsys.readouterr().out
+    assert "读取了之前训练的结果" in capsys.readouterr().out
     assert again.rows == first.rows and again.meta == json.loads(json.dumps(first.meta))
 
 

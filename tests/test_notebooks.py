@@ -148,6 +148,80 @@ def test_the_committed_output_check_finds_each_problem():
         assert committed_problems(notebook(stream(text))) == [f"cell 0: {what}"], text
 
 
+# ------------------------------------------------------------------ prose: a screen per cell, links, terms
+MAX_MARKDOWN_ROWS = 30  # about a screen: rows of 100 columns, a Chinese character two columns wide
+LINK = re.compile(r"\]\((?![a-zA-Z][a-zA-Z0-9+.-]*:)([^)#\s]+)(?:#([^)\s]+))?\)")
+# one term per concept (notebooks/glossary.md): variants a lesson must not use, and the term to use instead
+OTHER_TERMS = {"训练计划": "日程 (schedule)", "捷径": "跳跃连接", "正确率": "准确率", "批量大小": "批次大小"}
+
+
+def display_rows(text: str, columns: int = 100) -> int:
+    """How many rows ``text`` takes at ``columns`` columns (East Asian wide characters count two)."""
+    import unicodedata
+
+    def width(line):
+        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
+
+    return sum(max(1, -(-width(line) // columns)) for line in text.splitlines())
+
+
+def markdown_headings(path: Path) -> set[str]:
+    """The GitHub anchors of a Markdown file's headings (what ``file.md#anchor`` may point at)."""
+    from course_utils.machinery.book import github_slug
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    text = [
+        re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", line.lstrip("#")) for line in lines if line.startswith("#")
+    ]
+    return {github_slug(heading.replace("`", "")) for heading in text}
+
+
+def prose_problems(nb: dict, base: Path = NOTEBOOK_DIR) -> list[str]:
+    """Markdown cells longer than about a screen, relative links to a file or heading that does not exist,
+    terms other than the glossary's, and a notebook that never links the glossary."""
+    found, links = [], set()
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = "".join(cell["source"])
+        if display_rows(text) > MAX_MARKDOWN_ROWS:
+            found.append(f"cell {i}: {display_rows(text)} rows, more than a screen ({MAX_MARKDOWN_ROWS})")
+        for target, anchor in LINK.findall(text):
+            links.add(target)
+            file = (base / target).resolve()
+            if not file.is_file():
+                found.append(f"cell {i}: links to {target}, which does not exist")
+            elif anchor and file.suffix == ".md" and anchor not in markdown_headings(file):
+                found.append(f"cell {i}: links to {target}#{anchor}, a heading {target} does not have")
+        found += [f"cell {i}: {term} (say {use})" for term, use in OTHER_TERMS.items() if term in text]
+    if "glossary.md" not in links:
+        found.append("no link to the glossary (glossary.md)")
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_prose_fits_a_screen_links_resolve_and_uses_the_glossarys_terms(path):
+    problems = prose_problems(read(path))
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+def test_the_prose_check_finds_each_problem():
+    def notebook(*texts):
+        return {"cells": [{"cell_type": "markdown", "metadata": {}, "source": t} for t in texts]}
+
+    glossary = "术语见 [术语表](glossary.md)。"
+    assert prose_problems(notebook(glossary, "见 [Devices](../course_utils/README.md#devices)")) == []
+    for text, what in [
+        ("长" * 50 * 31, "31 rows"),
+        ("[x](nowhere.md)", "does not exist"),
+        ("[x](../course_utils/README.md#no-such-heading)", "a heading"),
+        ("按训练计划训练", "训练计划 (say 日程"),
+    ]:
+        problems = prose_problems(notebook(glossary, text))
+        assert len(problems) == 1 and what in problems[0], (text, problems)
+    assert prose_problems(notebook("没有链接")) == ["no link to the glossary (glossary.md)"]
+
+
 def smoke_parameters(path: Path, results_dir: Path) -> tuple[dict, dict]:
     """``(parameters, overrides)`` papermill injects into ``path`` for the smoke run."""
     (cell,) = [c for c in read(path)["cells"] if "parameters" in tags(c)]

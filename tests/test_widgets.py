@@ -80,16 +80,16 @@ def test_differential_rates_per_stage():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(end1=25), "stage 2 would end before stage 1"),
-        (dict(end1=20), "stage 2 is empty"),
-        (dict(total=15), "stage 3 would end before stage 2: the total is 15 epochs"),
-        (dict(total=20), "stage 3 is empty"),
-        (dict(stages=2, end1=50), "stage 2 is empty"),
-        (dict(end1=0), "stage 1 is empty"),
-        (dict(trainable=(("new",), (), ("all",))), "stage 2 trains nothing"),
+        (dict(end1=25), "阶段 2 会在阶段 1 之前结束"),
+        (dict(end1=20), "阶段 2 是空的"),
+        (dict(total=15), "阶段 3 会在阶段 2 之前结束 \\(ends before the previous stage\\)：总轮数是 15"),
+        (dict(total=20), "阶段 3 是空的"),
+        (dict(stages=2, end1=50), "阶段 2 是空的"),
+        (dict(end1=0), "阶段 1 是空的"),
+        (dict(trainable=(("new",), (), ("all",))), "阶段 2 什么都不训练"),
         (dict(trainable=(("new",), ("layer9",), ("all",))), "unknown layer group 'layer9'"),
         (dict(lr=(1e-3, 0.0, 1e-5)), "learning rate of stage 2 must be a positive \\(finite\\) number"),
-        (dict(stages=4), "1, 2 or 3"),
+        (dict(stages=4), "1、2 或 3"),
     ],
 )
 def test_invalid_choices_raise_a_clear_value_error(change, message):
@@ -157,10 +157,10 @@ def test_invalid_move_shows_a_message_and_keeps_the_last_valid_schedule(model):
     panel.controls.w_end1.value = 3
     valid, table = panel.schedule, panel.preview.w_table.value
     panel.controls.w_end1.value = 9  # past the end of stage 2: must not raise
-    assert "stage 2 would end before stage 1" in panel.error
+    assert "阶段 2 会在阶段 1 之前结束" in panel.error
     assert (
         "invalid choice" in panel.preview.w_error.value
-        and "stage 2 would end before stage 1" in panel.preview.w_error.value
+        and "阶段 2 会在阶段 1 之前结束" in panel.preview.w_error.value
     )
     assert panel.schedule is valid and panel.preview.w_table.value == table
     assert panel.output.w_button.disabled

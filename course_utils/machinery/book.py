@@ -28,6 +28,10 @@ import sys
 from pathlib import Path
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS_DIR = REPO / "notebooks"  # the lessons' links (glossary.md, ../course_utils/README.md) start here
+# a relative link to a Markdown file or a notebook: href="glossary.md", "../course_utils/README.md#devices"
+RELATIVE_LINK = re.compile(r'href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^"#]+?\.(?:md|ipynb))(#[^"]*)?"')
 FONT_STACK = (
     '"Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Hiragino Sans GB", '
     '"Microsoft YaHei", system-ui, -apple-system, "Segoe UI", sans-serif'
@@ -54,6 +58,10 @@ details.book-code > summary {{ cursor: pointer; color: #555; font-size: 85%; pad
 .book-index td, .book-index th {{ border-bottom: 1px solid #ddd; padding: 0.6em; vertical-align: top;
                                    text-align: left; }}
 .book-index .failed {{ color: #c00; font-weight: bold; }}
+main.book-doc {{ padding: 0 1em; font-family: {FONT_STACK}; line-height: 1.6; }}
+main.book-doc table {{ border-collapse: collapse; }}
+main.book-doc td, main.book-doc th {{ border-bottom: 1px solid #ddd; padding: 0.4em 0.6em;
+                                     text-align: left; }}
 """
 
 # The lab template, with the book's CSS, navigation around the page and code cells in <details>.
@@ -73,6 +81,11 @@ TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 </details>
 {%- endblock input_group %}
 """
+
+
+NO_WIDGET_STATE = (
+    '<p class="book-widget"><i>交互控件 (widget)：在 JupyterLab 里运行这个单元格才能看到。</i></p>'
+)
 
 
 class BookError(FileNotFoundError):
@@ -173,11 +186,16 @@ def _exporter():
     return exporter
 
 
-def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/book") -> Path:
+def build_book(
+    src_dir: str | Path = "output",
+    out_dir: str | Path = "output/book",
+    notebooks_dir: str | Path = NOTEBOOKS_DIR,
+) -> Path:
     """Render the executed notebooks in ``src_dir`` into ``out_dir``; returns the path of ``index.html``.
 
-    Only the book's own pages (``index.html`` and one ``NN_*.html`` per notebook) are written; nothing
-    else in ``out_dir`` is touched.
+    Only the book's own pages are written (``index.html``, one ``NN_*.html`` per notebook, and one page per
+    Markdown file of the repository the lessons link to, such as the glossary); nothing else in ``out_dir``
+    is touched. The lessons' relative links are read from ``notebooks_dir`` (the repository's notebooks).
     """
     paths = executed_notebooks(src_dir)
     out = Path(out_dir)
@@ -185,6 +203,7 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
     notebooks = [_read_notebook(path) for path in paths]
     lessons = [lesson_summary(nb, path) for nb, path in zip(notebooks, paths)]
     exporter = _exporter()
+    docs = DocPages(Path(notebooks_dir), out, {p.name: lesson["page"] for p, lesson in zip(paths, lessons)})
     for i, (nb, lesson) in enumerate(zip(notebooks, lessons)):
         resources = {
             "metadata": {"name": lesson["title"]},
@@ -192,10 +211,12 @@ def build_book(src_dir: str | Path = "output", out_dir: str | Path = "output/boo
             "book_nav_top": _nav(lessons, i, "top"),
             "book_nav_bottom": _nav(lessons, i, "bottom"),
         }
-        body, _ = exporter.from_notebook_node(nb, resources=resources)
-        (out / lesson["page"]).write_text(body, encoding="utf-8")
+        body, _ = exporter.from_notebook_node(without_live_widgets(nb), resources=resources)
+        (out / lesson["page"]).write_text(docs.link(body, Path(notebooks_dir)), encoding="utf-8")
+    glossary = Path(notebooks_dir) / "glossary.md"
+    glossary_page = docs.page_for(glossary) if glossary.is_file() else None
     index_path = out / "index.html"
-    index_path.write_text(_index_page(lessons), encoding="utf-8")
+    index_path.write_text(_index_page(lessons, glossary_page), encoding="utf-8")
     return index_path
 
 
@@ -212,12 +233,107 @@ def _read_notebook(path: Path):
         ) from err
 
 
-def _index_page(lessons: list[dict]) -> str:
+def without_live_widgets(nb):
+    """``nb`` with each widget output drawn from the saved widget state as static HTML
+    (:mod:`.widget_snapshot`): a book page cannot run a kernel, and the widgets' scripts come from a CDN
+    that an offline copy cannot reach. The instructor's panel shows its controls as they were left, a
+    progress bar as it ended; never a widget's text repr. A widget with no saved state shows a note."""
+    import copy
+
+    from .widget_snapshot import VIEW_KEY, render, saved_state
+
+    nb = copy.deepcopy(nb)
+    state = saved_state(nb)
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if VIEW_KEY in data:
+                model_id = data[VIEW_KEY].get("model_id", "")
+                output["data"] = {
+                    "text/html": render(model_id, state) if model_id in state else NO_WIDGET_STATE
+                }
+    nb.get("metadata", {}).pop("widgets", None)
+    return nb
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (so ``README.md#devices`` works there and in the book)."""
+    text = heading.strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+class DocPages:
+    """The repository's Markdown files that the lessons link to, each rendered once as a page of the book
+    (``notebooks/glossary.md`` → ``glossary.html``, ``course_utils/README.md`` →
+    ``course_utils-README.html``); links to executed notebooks point at their pages."""
+
+    def __init__(self, notebooks_dir: Path, out: Path, lesson_pages: dict[str, str]):
+        self.root, self.out, self.lesson_pages = notebooks_dir.resolve().parent, out, lesson_pages
+        self.pages: dict[Path, str] = {}
+
+    def link(self, body: str, base: Path) -> str:
+        """``body`` with its relative links to Markdown files and notebooks pointing into the book."""
+
+        def point(match: re.Match) -> str:
+            target = (base / html.unescape(match.group(1))).resolve()
+            anchor = match.group(2) or ""
+            if target.suffix == ".ipynb" and target.name in self.lesson_pages:
+                return f'href="{self.lesson_pages[target.name]}{anchor}"'
+            if target.suffix == ".md" and target.is_file() and self.root in target.parents:
+                return f'href="{self.page_for(target)}{anchor}"'
+            return match.group(0)
+
+        return RELATIVE_LINK.sub(point, body)
+
+    def page_for(self, path: Path) -> str:
+        """The book page of the Markdown file ``path``, written the first time it is asked for."""
+        path = path.resolve()
+        if path not in self.pages:
+            rel = path.relative_to(self.root).with_suffix("")
+            parts = rel.parts[1:] if rel.parts[0] == "notebooks" else rel.parts
+            self.pages[path] = "-".join(parts) + ".html"
+            self._write(path)
+        return self.pages[path]
+
+    def _write(self, path: Path) -> None:
+        from nbconvert.filters import markdown2html
+
+        body = markdown2html(path.read_text(encoding="utf-8"))
+        body = re.sub(
+            r"<h([1-6]) id=\"[^\"]*\">(.*?)<a class=\"anchor-link\"[^>]*>[^<]*</a></h\1>", _heading, body
+        )
+        body = self.link(body, path.parent)
+        # links to other files of the repository (code, scripts) have no page here: keep their text
+        body = re.sub(
+            r'<a href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#)(?![^"]*\.html\b)[^"]*">(.*?)</a>', r"\1", body
+        )
+        title = re.sub(r"<[^>]+>", "", html.unescape(re.search(r"<h1[^>]*>(.*?)</h1>", body).group(1)))
+        nav = '<nav class="book-nav top"><a class="book-home" href="index.html">目录 (contents)</a></nav>'
+        (self.out / self.pages[path]).write_text(
+            f"""<!DOCTYPE html>
+<html lang="zh-CN">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
+<title>{html.escape(title)}</title>
+<style type="text/css">{CSS}</style></head>
+<body>{nav}<main class="book-doc">{body}</main></body></html>
+""",
+            encoding="utf-8",
+        )
+
+
+def _heading(match: re.Match) -> str:
+    level, inner = match.group(1), match.group(2)
+    slug = github_slug(re.sub(r"<[^>]+>", "", html.unescape(inner)))
+    return f'<h{level} id="{html.escape(slug)}">{inner}</h{level}>'
+
+
+def _index_page(lessons: list[dict], glossary_page: str | None = None) -> str:
     """``index.html``: the lessons in order with their goals and run times, the presets, the total."""
     from nbconvert.filters import markdown2html
 
     total = sum(s for s in (lesson["seconds"] for lesson in lessons) if s is not None)
     presets = sorted({lesson["preset"] for lesson in lessons if lesson["preset"]})
+    glossary = f' <a href="{glossary_page}">术语表 (glossary)</a>' if glossary_page else ""
     rows = []
     for lesson in lessons:
         status = ' <span class="failed">运行失败 (failed)</span>' if lesson["failed"] else ""
@@ -233,7 +349,7 @@ def _index_page(lessons: list[dict]) -> str:
 <body><div class="book-index">
 <h1>ResNet18 + CBAM 在 CIFAR-10 上的微调 (fine-tuning) · 已运行的课程 (executed course)</h1>
 <p>{len(lessons)} 课 (lessons); 预设 (preset): {html.escape(", ".join(presets) or "–")};
-总运行时间 (total run time): {format_seconds(total)}.</p>
+总运行时间 (total run time): {format_seconds(total)}.{glossary}</p>
 <table><thead><tr><th>课程 (lesson)</th><th>学习目标 (learning objectives)</th>
 <th>运行时间 (run time)</th></tr></thead>
 <tbody>

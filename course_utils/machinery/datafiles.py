@@ -203,7 +203,7 @@ def subset_banner(found: Found) -> tuple[str, str]:
     text = (
         f"只有 {len(found.train[1])} 张训练图片和 {len(found.val[1])} 张留出图片 (held-out)，准确率会远低于"
         "用完整的 50,000 张图片训练的结果。联网运行一次（或把 CIFAR-10 复制到 data/）即可得到真实的数字。"
-        "原因 (why)：" + "; ".join(found.notes)
+        "详细信息 (details)：" + "; ".join(found.notes)
     )
     return title, text
 

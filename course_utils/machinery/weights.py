@@ -152,7 +152,7 @@ def _cached_or_downloaded(arch: str, enum: WeightsEnum) -> Path:
     """torchvision's cached file for ``enum``, downloaded (from the mirror, if one is set) when missing."""
     cached = _torch_hub_file(enum)
     if cached.is_file():
-        print(f"ImageNet weights for {arch}: {cached} (torchvision cache)")
+        print(f"{arch} 的 ImageNet 预训练权重 (weights)：{cached.name}，来自 torchvision 的缓存 (cache)")
         verify_weights_file(
             cached,
             fix=f"Delete it (it is downloaded again on the next run) or copy a complete {cached.name} there",
@@ -160,7 +160,8 @@ def _cached_or_downloaded(arch: str, enum: WeightsEnum) -> Path:
         return cached
     mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
     url = mirror_url(mirror, cached.name) if mirror else enum.url
-    print(f"Downloading {url} to {cached}" + (f" (mirror ${WEIGHTS_MIRROR_ENV})" if mirror else ""))
+    where = f"（镜像 (mirror) ${WEIGHTS_MIRROR_ENV}）" if mirror else ""
+    print(f"正在下载 (downloading) {arch} 的 ImageNet 预训练权重{where}：{url} → {cached}")
     try:
         fetch(url, cached, sha256_prefix=sha256_prefix_in_name(cached))
     except DownloadError as err:

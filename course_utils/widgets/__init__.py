@@ -211,8 +211,8 @@ class ScheduleDesigner(W.VBox):
     def _on_find_lr_clicked(self, stage: int) -> None:
         self.output.in_panel(
             self.output.w_lr_status,
-            f"阶段 {stage} (stage {stage}): LR finder running …",
-            f"LR finder failed (stage {stage})",
+            f"阶段 {stage} (stage {stage})：学习率查找器 (LR finder) 正在运行 …",
+            f"学习率查找器出错 (LR finder failed)，阶段 {stage}",
             lambda: self.find_lr(stage),
         )
 

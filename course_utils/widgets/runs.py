@@ -22,12 +22,14 @@ def _error_html(failed: str, err: Exception) -> str:
 def finder_message(stage: int, result, clipped: bool, low: float, high: float) -> str:
     """What the panel says after the LR finder for stage ``stage``: its suggestion and the rates set."""
     rates = ", ".join(f"{g} {x:.1e}" for g, x in result.suggested_lrs().items())
-    outside = f"outside the sliders' {low:.0e}..{high:.0e}: set to the nearest end"
+    outside = f"超出滑块范围 {low:.0e}..{high:.0e}，已设为最近的一端 (clipped)"
     note = f" <span style='color:#c60'>({outside})</span>" if clipped else ""
-    stopped = "stopped at divergence" if result.diverged else "no divergence up to the end of the sweep"
+    stopped = (
+        "损失发散处停止 (stopped at divergence)" if result.diverged else "扫到最后也没有发散 (no divergence)"
+    )
     return (
-        f"<b>阶段 {stage} (stage {stage})</b> LR finder: suggestion {result.suggestion():.1e} "
-        f"(valley; {len(result)} steps, {stopped}) → {html.escape(rates)}{note}"
+        f"<b>阶段 {stage} (stage {stage})</b> 学习率查找器 (LR finder)：建议值 (suggestion) "
+        f"{result.suggestion():.1e}（valley 规则；{len(result)} 步，{stopped}）→ {html.escape(rates)}{note}"
     )
 
 

@@ -115,35 +115,29 @@ def _stage_ends(v: Mapping) -> list[int]:
     """The last epoch of each stage; ``ValueError`` for a stage that is empty or ends before the previous."""
     n = v["stages"]
     if n not in range(1, MAX_STAGES + 1):
-        raise ValueError(f"the number of stages must be 1, 2 or 3, got {n!r}")
+        raise ValueError(f"阶段数 (stages) 只能是 1、2 或 3，而不是 {n!r}")
     keys = ("end1", "end2")[: n - 1] + ("total",)
     ends = [whole_number(v[key], key, minimum=0) for key in keys]
     if ends[-1] < 1:
-        raise ValueError(f"the total must be at least 1 epoch, got {ends[-1]}")
+        raise ValueError(f"总轮数 (total epochs) 至少是 1，而不是 {ends[-1]}")
     if ends[0] < 1:
-        raise ValueError(f"stage 1 is empty: it must end at epoch 1 or later, not {ends[0]}")
+        raise ValueError(f"阶段 1 是空的 (empty)：它最早在第 1 轮结束，而不是第 {ends[0]} 轮")
     for i in range(1, n):
         end, prev = ends[i], ends[i - 1]
         if end > prev:
             continue
         if i == n - 1:  # the last stage ends with the total
-            where, fix = (
-                f"the total is {end} epochs",
-                f"raise the total above {prev} or end stage {i} earlier",
-            )
+            where, fix = f"总轮数是 {end}", f"把总轮数调到 {prev} 以上，或让阶段 {i} 早一点结束"
         else:
-            where, fix = (
-                f"stage {i + 1} ends at epoch {end}",
-                f"move the end of stage {i + 1} past epoch {prev}",
-            )
+            where, fix = f"阶段 {i + 1} 在第 {end} 轮结束", f"把阶段 {i + 1} 的结束移到第 {prev} 轮之后"
         if end < prev:
             raise ValueError(
-                f"stage {i + 1} would end before stage {i}: {where}, but stage {i} ends at epoch "
-                f"{prev}. To fix it, {fix}."
+                f"阶段 {i + 1} 会在阶段 {i} 之前结束 (ends before the previous stage)：{where}，"
+                f"而阶段 {i} 在第 {prev} 轮才结束。改法 (fix)：{fix}。"
             )
         raise ValueError(
-            f"stage {i + 1} is empty: {where}, and stage {i} ends at epoch {prev} too. "
-            f"To give stage {i + 1} at least one epoch, {fix}."
+            f"阶段 {i + 1} 是空的 (empty)：{where}，阶段 {i} 也在第 {prev} 轮结束。"
+            f"要让阶段 {i + 1} 至少有 1 轮：{fix}。"
         )
     return ends
 
@@ -181,8 +175,8 @@ def schedule_from_values(
         trainable = expand_groups(v["trainable"][i], groups, new, f"stage {i + 1}", high_groups)
         if not trainable:
             raise ValueError(
-                f"stage {i + 1} trains nothing: choose at least one group for it to unfreeze "
-                f"(nothing trainable means nothing can learn)."
+                f"阶段 {i + 1} 什么都不训练 (trains nothing)：至少选一个要解冻的层组 (layer group)，"
+                f"没有可训练的参数就什么也学不到。"
             )
         name = _stage_name(i + 1, len(ends), trainable, previous, groups, new, high_groups)
         spelling = _compress(trainable, groups, new, high_groups)
