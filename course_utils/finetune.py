@@ -74,8 +74,8 @@ def expand_group(
     if name in groups:
         return [name]
     raise ValueError(
-        f"{where}: unknown layer group {name!r}; this model's groups are "
-        f"{', '.join(groups)} (or the aliases {', '.join(ALIASES)})"
+        f"{where}：没有名为 {name!r} 的层组 (unknown layer group {name!r})；这个模型的层组是 "
+        f"{', '.join(groups)}（以及别名 (aliases) {', '.join(ALIASES)}）"
     )
 
 

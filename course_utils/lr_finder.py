@@ -246,7 +246,7 @@ def _batches(loader, first_epoch: int, num_steps: int, notes: list[str]):
         if passes == 1:
             notes.append(
                 f"数据加载器 (loader) 只有 {got} 个批次，少于 num_steps={num_steps}：循环使用了它 (cycled)，"
-                f"每一遍算新的一轮 (epoch)；曲线因此把一些图片看了两次"
+                f"每一遍算新的一轮 (epoch)；曲线因此会把同样的图片看不止一遍"
             )
 
 
@@ -459,7 +459,7 @@ def lr_find(
         )
         batches = _batches(train_loader, plan.epoch, num_steps, result.notes)
         loss_average, best = _SmoothedLoss(smooth), math.inf
-        with _progress_bar(num_steps, f"lr_find [{stage.name}]", progress) as bar:
+        with _progress_bar(num_steps, f"学习率查找器 (lr_find) [{stage.name}]", progress) as bar:
             for multiplier, (images, labels) in zip(_multipliers(start_lr, end_lr, num_steps), batches):
                 trainer.set_lr(multiplier, result.shares)  # every group: multiplier × its share
                 loss = trainer.step(images, labels)  # fit's own training step

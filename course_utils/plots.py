@@ -326,7 +326,8 @@ def plot_comparison(histories: Mapping[str, object], metric: str = "val_acc", ti
     ax_line.legend(fontsize=7)
     ax_bar.barh(list(finals), list(finals.values()), color=[f"C{i}" for i in range(len(finals))])
     ax_bar.invert_yaxis()
-    ax_bar.set_xlabel(zh("最后一轮的", "final ") + metric_label(metric))
+    zh_name, en_name = METRICS.get(metric, (metric, metric))
+    ax_bar.set_xlabel(zh(f"最后一轮的{zh_name}", f"final {en_name}"))
     for i, v in enumerate(finals.values()):
         ax_bar.text(v, i, f" {v:.3f}", va="center", fontsize=8)
     if title:

@@ -84,7 +84,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
         todo = plans[len(history) :]
         first_val, first_train = _first_batches_checked(model, train_loader, val_loader, todo)
         step_model = torch.compile(model) if compile else model
-        bar = tqdm(total=len(plans), initial=len(history), desc="epochs", disable=not progress)
+        bar = tqdm(total=len(plans), initial=len(history), desc="轮 (epochs)", disable=not progress)
         guard.training_begins()
         for plan in todo:
             batches = first_train if plan is todo[0] else _epoch_batches(train_loader, plan.epoch)
@@ -93,7 +93,7 @@ def fit(model: nn.Module, schedule: Schedule, train_loader, val_loader=None, *, 
             model.train()
             apply_epoch(model, opt, plan, bn_policy)  # freeze the rest: no grad, lr 0, BatchNorm in eval mode
             batches = tqdm(batches, total=loader_length(train_loader), leave=False, disable=not progress,
-                           desc=f"epoch {plan.epoch} [{plan.stage}]")  # fmt: skip
+                           desc=f"第 {plan.epoch} 轮 [{plan.stage}]")  # fmt: skip
             stats = train_epoch(step_model, opt, batches, device=device, amp=amp, channels_last=channels_last,
                                 label_smoothing=label_smoothing, amp_model=model)  # fmt: skip
             if stats["bad_loss"] is not None:

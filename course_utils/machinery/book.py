@@ -216,7 +216,9 @@ def build_book(
     glossary = Path(notebooks_dir) / "glossary.md"
     glossary_page = docs.page_for(glossary) if glossary.is_file() else None
     index_path = out / "index.html"
-    index_path.write_text(_index_page(lessons, glossary_page), encoding="utf-8")
+    index_path.write_text(
+        docs.link(_index_page(lessons, glossary_page), Path(notebooks_dir)), encoding="utf-8"
+    )
     return index_path
 
 

@@ -177,7 +177,7 @@ def _shipped_subset(root: Path, notes: list[str]) -> tuple[Split, Split, str]:
             f"{shipped} lacks its train/ or val/ images (found {sorted(splits)}): it is truncated or "
             f"corrupted. Restore it with `git checkout -- {SHIPPED_SUBSET}` in data/."
         )
-    return splits["train"], splits["val"], f"shipped subset {shipped}"
+    return splits["train"], splits["val"], f"shipped subset {SHIPPED_SUBSET}"
 
 
 def find_cifar10(root: str | os.PathLike, *, download: bool = True, mirror=None) -> Found:
@@ -201,9 +201,10 @@ def subset_banner(found: Found) -> tuple[str, str]:
     :func:`~course_utils.machinery.presets.banner`): what it means for the numbers, and why it happened."""
     title = "正在使用随课程附带的 CIFAR-10 小子集 (shipped subset)"
     text = (
-        f"只有 {len(found.train[1])} 张训练图片和 {len(found.val[1])} 张留出图片 (held-out)，准确率会远低于"
-        "用完整的 50,000 张图片训练的结果。联网运行一次（或把 CIFAR-10 复制到 data/）即可得到真实的数字。"
-        "详细信息 (details)：" + "; ".join(found.notes)
+        f"小子集共有 {len(found.train[1]):,} 张训练图和 {len(found.val[1]):,} 张验证图，"
+        "本次运行取用多少见下一行。"
+        "准确率会远低于用完整的 50,000 张训练图得到的结果；联网运行一次（或把 CIFAR-10 放进 data/）"
+        "就会改用完整的数据集。详细信息 (details)：" + "; ".join(found.notes)
     )
     return title, text
 

@@ -86,18 +86,20 @@ def check_sizes(values: dict) -> dict:
 
 
 def banner(title: str, text: str = "") -> None:
-    """A warning that cannot be missed: a red box in a notebook (the same text is printed, for logs and
-    papermill). ``title`` and ``text`` speak to students: Chinese, English technical terms in brackets."""
-    print(f"⚠ {title}\n  {text}" if text else f"⚠ {title}")
+    """A warning that cannot be missed: in a notebook one red box (its plain text kept beside it, for a
+    viewer that shows no HTML), elsewhere printed. ``title`` and ``text`` speak to students: Chinese,
+    English technical terms in brackets."""
+    plain = f"⚠ {title}\n  {text}" if text else f"⚠ {title}"
     try:
         from IPython import get_ipython
-        from IPython.display import HTML, display
+        from IPython.display import display
     except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(plain)
         return
-    if get_ipython() is not None:
-        display(
-            HTML(
-                f'<div style="border:2px solid #c00;background:#fee;padding:8px;margin:4px 0">'
-                f"<b>⚠ {html.escape(title)}</b><br>{html.escape(text)}</div>"
-            )
-        )
+    box = (
+        f'<div style="border:2px solid #c00;background:#fee;padding:8px;margin:4px 0">'
+        f"<b>⚠ {html.escape(title)}</b><br>{html.escape(text)}</div>"
+    )
+    display({"text/html": box, "text/plain": plain}, raw=True)

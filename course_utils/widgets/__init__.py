@@ -167,7 +167,7 @@ class ScheduleDesigner(W.VBox):
 
         schedule = self._valid_schedule("train_loader (and val_loader)")
         model = self.fresh_model() if model is None else model
-        title = f"run {len(self.runs) + 1}: {schedule.summary()}"
+        title = f"第 {len(self.runs) + 1} 次运行 (run)：{schedule.summary()}"
         live = self.output.live_curves(title, in_panel, on_epoch_end)
         kwargs = {"bn_policy": self.values["bn_policy"], **self.fit_kwargs, **fit_kwargs}
         start = time.perf_counter()
