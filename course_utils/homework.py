@@ -279,7 +279,7 @@ def check_weights(model: nn.Module, found: Trace, reference: nn.Module | None) -
 
 # ---------------------------------------------------------------------------- 5. the schedule
 GROUP_NAMES_HINT = (
-    "课程的训练计划 (schedule) 按层组 (layer groups) 找参数，models.group_of 只看参数名："
+    "课程的日程 (schedule) 按层组 (layer groups) 找参数，models.group_of 只看参数名："
     "第一段是 model.stages 里的名字 (block1…block5) → 那个 stage；名字里有 cbam → cbam 组；"
     "第一段是 head 或 fc → head 组。请用 self.block1…self.block5、self.cbam (nn.ModuleDict)、self.head，"
     '并在类里写 stages = ("block1", ..., "block5")。'
@@ -311,7 +311,7 @@ def misplaced(model: nn.Module, wanted: set[int], trains: set[int]) -> str:
 
 
 def check_schedule(model: nn.Module, found: Trace) -> dict:
-    name = "三阶段计划 (three_stage_schedule)"
+    name = "三阶段日程 (three_stage_schedule)"
     try:
         groups, resolved = resolve_three_stages(model)
     except (AttributeError, TypeError, ValueError) as err:

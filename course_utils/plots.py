@@ -372,14 +372,20 @@ def format_table(rows: Sequence[Mapping], floatfmt: str | Mapping[str, str] = ".
     formats = dict(floatfmt) if isinstance(floatfmt, Mapping) else dict.fromkeys(keys, floatfmt)
     cells = [[_cell(r.get(k), formats.get(k, ".3f")) for k in keys] for r in rows]
     numeric = [all(_is_number(r.get(k)) for r in rows) for k in keys]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    widths = [max(text_width(k), *(text_width(c[i]) for c in cells)) for i, k in enumerate(keys)]
 
     def line(values):
-        return "  ".join(
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
-        ).rstrip()
+        pads = [" " * (w - text_width(v)) for v, w in zip(values, widths)]
+        return "  ".join(pad + v if num else v + pad for v, pad, num in zip(values, pads, numeric)).rstrip()
 
     return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def text_width(text: str) -> int:
+    """Columns ``text`` takes in a monospaced font: a Chinese character takes two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def _is_number(value) -> bool:

@@ -38,3 +38,12 @@ def test_chinese_labels_draw_without_missing_glyphs():
         fig.canvas.draw()
     assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught]
     assert "验证准确率" in fig.axes[0].get_ylabel()
+
+
+def test_tables_with_chinese_headers_stay_aligned():
+    text = plots.format_table(
+        [{"策略 (strategy)": "(a) 无 CBAM", "准确率": 0.1}, {"策略 (strategy)": "b", "准确率": 0.25}]
+    )
+    widths = {plots.text_width(line) for line in text.splitlines()}
+    assert len(widths) == 1, text  # every row ends in the same column: numbers right-aligned under 准确率
+    assert text.splitlines()[2].endswith(" 0.100") and plots.text_width("无") == 2
