@@ -246,7 +246,7 @@ def _batches(loader, first_epoch: int, num_steps: int, notes: list[str]):
         if passes == 1:
             notes.append(
                 f"数据加载器 (loader) 只有 {got} 个批次，少于 num_steps={num_steps}：循环使用了它 (cycled)，"
-                f"每一遍算新的一轮 (epoch)；曲线因此会把同样的图片看不止一遍"
+                f"同样的图片会被看不止一遍"
             )
 
 

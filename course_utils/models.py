@@ -274,7 +274,7 @@ def pretrained_or_random(build, **kwargs) -> tuple[nn.Module, bool]:
             "权重下载不下来（离线或网络不通）。课程照常运行，但依赖预训练权重的结论在这次运行里不成立，"
             "notebook 会逐条说明。要用预训练权重：联网运行一次，或把权重文件放进 torchvision 的缓存文件夹、"
             "或用环境变量 COURSE_WEIGHTS_MIRROR 指向存放它的文件夹或网址（见 README 的“离线使用与镜像"
-            f" (offline use and mirrors)”一节）。详细信息 (details)：{err}",
+            f" (offline use and mirrors)”一节）。详细信息 (details)：{err.__cause__ or err}",
         )
         return build(weights=None, **kwargs), False
 

@@ -30,8 +30,11 @@ from pathlib import Path
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = REPO / "notebooks"  # the lessons' links (glossary.md, ../course_utils/README.md) start here
-# a relative link to a Markdown file or a notebook: href="glossary.md", "../course_utils/README.md#devices"
-RELATIVE_LINK = re.compile(r'href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^"#]+?\.(?:md|ipynb))(#[^"]*)?"')
+# a relative link (to a Markdown file, a notebook, any file of the repository): its path, #anchor, the rest
+# of the tag and its text: href="glossary.md", "../course_utils/README.md#devices", "../course_utils/train.py"
+RELATIVE_LINK = re.compile(
+    r'<a href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^"#]+)(#[^"]*)?"([^>]*)>(.*?)</a>', re.S
+)
 FONT_STACK = (
     '"Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Hiragino Sans GB", '
     '"Microsoft YaHei", system-ui, -apple-system, "Segoe UI", sans-serif'
@@ -274,16 +277,20 @@ class DocPages:
         self.pages: dict[Path, str] = {}
 
     def link(self, body: str, base: Path) -> str:
-        """``body`` with its relative links to Markdown files and notebooks pointing into the book."""
+        """``body`` with its relative links pointing into the book: a Markdown file of the repository to its
+        page, a notebook to its lesson; a link to another file of the repository (code, a script), which has
+        no page in the book, keeps only its text. A link to nothing stays as it is (tests catch it)."""
 
         def point(match: re.Match) -> str:
-            target = (base / html.unescape(match.group(1))).resolve()
-            anchor = match.group(2) or ""
+            path, anchor, attributes, text = match.groups(default="")
+            target = (base / html.unescape(path)).resolve()
             if target.suffix == ".ipynb" and target.name in self.lesson_pages:
-                return f'href="{self.lesson_pages[target.name]}{anchor}"'
-            if target.suffix == ".md" and target.is_file() and self.root in target.parents:
-                return f'href="{self.page_for(target)}{anchor}"'
-            return match.group(0)
+                return f'<a href="{self.lesson_pages[target.name]}{anchor}"{attributes}>{text}</a>'
+            if not (target.is_file() and self.root in target.parents) or target.suffix == ".html":
+                return match.group(0)
+            if target.suffix == ".md":
+                return f'<a href="{self.page_for(target)}{anchor}"{attributes}>{text}</a>'
+            return text
 
         return RELATIVE_LINK.sub(point, body)
 
@@ -305,10 +312,6 @@ class DocPages:
             r"<h([1-6]) id=\"[^\"]*\">(.*?)<a class=\"anchor-link\"[^>]*>[^<]*</a></h\1>", _heading, body
         )
         body = self.link(body, path.parent)
-        # links to other files of the repository (code, scripts) have no page here: keep their text
-        body = re.sub(
-            r'<a href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#)(?![^"]*\.html\b)[^"]*">(.*?)</a>', r"\1", body
-        )
         title = re.sub(r"<[^>]+>", "", html.unescape(re.search(r"<h1[^>]*>(.*?)</h1>", body).group(1)))
         nav = '<nav class="book-nav top"><a class="book-home" href="index.html">目录 (contents)</a></nav>'
         (self.out / self.pages[path]).write_text(

@@ -87,9 +87,8 @@ def _control(name: str, values: dict, model: dict) -> str:
         data = next((b["data"] for b in model.get("buffers", []) if b.get("path") == ["value"]), "")
         fmt = values.get("format", "png")
         alt = html.escape(values.get("description") or "图 (figure)")
-        return (
-            f'<img alt="{alt}" src="data:image/{fmt};base64,{data}" style="max-width:640px">' if data else ""
-        )
+        style = 'class="book-widget" style="max-width:640px"'
+        return f'<img alt="{alt}" {style} src="data:image/{fmt};base64,{data}">' if data else ""
     return ""
 
 
@@ -103,5 +102,6 @@ def _output(output: dict, state: dict) -> str:
     if "text/html" in data:
         return "".join(data["text/html"])
     if "image/png" in data:
-        return f'<img alt="图 (figure)" src="data:image/png;base64,{"".join(data["image/png"]).strip()}">'
+        png = "".join(data["image/png"]).strip()
+        return f'<img alt="图 (figure)" class="book-widget" src="data:image/png;base64,{png}">'
     return f"<pre>{html.escape(''.join(data.get('text/plain', '')))}</pre>"
