@@ -157,12 +157,9 @@ OTHER_TERMS = {"训练计划": "日程 (schedule)", "捷径": "跳跃连接", "�
 
 def display_rows(text: str, columns: int = 100) -> int:
     """How many rows ``text`` takes at ``columns`` columns (East Asian wide characters count two)."""
-    import unicodedata
+    from course_utils.plots import text_width
 
-    def width(line):
-        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
-
-    return sum(max(1, -(-width(line) // columns)) for line in text.splitlines())
+    return sum(max(1, -(-text_width(line) // columns)) for line in text.splitlines())
 
 
 def markdown_headings(path: Path) -> set[str]:

@@ -201,12 +201,12 @@ def build_book(
     is touched. The lessons' relative links are read from ``notebooks_dir`` (the repository's notebooks).
     """
     paths = executed_notebooks(src_dir)
-    out = Path(out_dir)
+    out, notebooks_dir = Path(out_dir), Path(notebooks_dir)
     out.mkdir(parents=True, exist_ok=True)
     notebooks = [_read_notebook(path) for path in paths]
     lessons = [lesson_summary(nb, path) for nb, path in zip(notebooks, paths)]
     exporter = _exporter()
-    docs = DocPages(Path(notebooks_dir), out, {p.name: lesson["page"] for p, lesson in zip(paths, lessons)})
+    docs = DocPages(notebooks_dir, out, {p.name: lesson["page"] for p, lesson in zip(paths, lessons)})
     for i, (nb, lesson) in enumerate(zip(notebooks, lessons)):
         resources = {
             "metadata": {"name": lesson["title"]},
@@ -215,13 +215,11 @@ def build_book(
             "book_nav_bottom": _nav(lessons, i, "bottom"),
         }
         body, _ = exporter.from_notebook_node(without_live_widgets(nb), resources=resources)
-        (out / lesson["page"]).write_text(docs.link(body, Path(notebooks_dir)), encoding="utf-8")
-    glossary = Path(notebooks_dir) / "glossary.md"
+        (out / lesson["page"]).write_text(docs.link(body), encoding="utf-8")
+    glossary = notebooks_dir / "glossary.md"
     glossary_page = docs.page_for(glossary) if glossary.is_file() else None
     index_path = out / "index.html"
-    index_path.write_text(
-        docs.link(_index_page(lessons, glossary_page), Path(notebooks_dir)), encoding="utf-8"
-    )
+    index_path.write_text(docs.link(_index_page(lessons, glossary_page)), encoding="utf-8")
     return index_path
 
 
@@ -273,13 +271,16 @@ class DocPages:
     ``course_utils-README.html``); links to executed notebooks point at their pages."""
 
     def __init__(self, notebooks_dir: Path, out: Path, lesson_pages: dict[str, str]):
-        self.root, self.out, self.lesson_pages = notebooks_dir.resolve().parent, out, lesson_pages
+        self.notebooks, self.out, self.lesson_pages = notebooks_dir, out, lesson_pages
+        self.root = notebooks_dir.resolve().parent  # the repository
         self.pages: dict[Path, str] = {}
 
-    def link(self, body: str, base: Path) -> str:
-        """``body`` with its relative links pointing into the book: a Markdown file of the repository to its
-        page, a notebook to its lesson; a link to another file of the repository (code, a script), which has
-        no page in the book, keeps only its text. A link to nothing stays as it is (tests catch it)."""
+    def link(self, body: str, base: Path | None = None) -> str:
+        """``body`` (a lesson's page, or a Markdown file's in ``base``) with its relative links pointing into
+        the book: a Markdown file of the repository to its page, a notebook to its lesson; a link to another
+        file of the repository (code, a script), which has no page in the book, keeps only its text. A link
+        to nothing stays as it is (tests catch it)."""
+        base = self.notebooks if base is None else base
 
         def point(match: re.Match) -> str:
             path, anchor, attributes, text = match.groups(default="")
